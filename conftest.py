@@ -1,0 +1,60 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter; it must be chosen before any
+# kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random Qwen3 in real Hugging Face format (transformers 5 config style), float32."""
+    from nanovllm.utils.default_model import make_random_qwen3
+
+    return make_random_qwen3(str(tmp_path_factory.mktemp("tiny-qwen3")), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_variants(tmp_path_factory) -> dict[str, str]:
+    """The same weights saved as hub-style config.json, and as several safetensors shards with
+    untied embeddings."""
+    from nanovllm.utils.default_model import make_random_qwen3
+
+    root = tmp_path_factory.mktemp("variants")
+    return {
+        "hub": make_random_qwen3(str(root / "hub"), "tiny", config_style="hub", seed=1),
+        "sharded": make_random_qwen3(
+            str(root / "sharded"), "tiny", max_shard_size="200KB", seed=2,
+            tie_word_embeddings=False,
+        ),
+    }
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Reference: transformers' generate(do_sample=False), one prompt at a time (no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = model.generate(
+            x, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            pad_token_id=0,
+        )
+        out.append(y[0, len(ids):].tolist())
+    return out

@@ -1,0 +1,61 @@
+"""Triton attention backend: paged KV-cache writes, varlen prefill and split-KV decode.
+
+Decode has no host sync (split count from shapes only), so the model runner can capture it in a
+CUDA graph. On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.kernels import triton_attention as kernels
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def store_kvcache(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return kernels.prefill_attention(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta.cu_seqlens_q,
+            meta.cu_seqlens_k,
+            meta.max_seqlen_q,
+            meta.block_tables,
+            scale,
+        )
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+        )

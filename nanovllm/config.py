@@ -1,0 +1,105 @@
+"""User configuration, validated once. Values derived at run time (the resolved device and
+dtype, the KV block count, the SM split actually granted) live in ``RuntimeInfo``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+@dataclass
+class Config:
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    enable_pipeline: bool = False
+    pipeline_attention_sm_count: int | None = None
+    pipeline_ffn_sm_count: int | None = None
+    pipeline_enable_profiling: bool = False
+    pipeline_num_microbatches: int = 2
+
+    def __post_init__(self):
+        def bad(name, fix):
+            raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        def positive_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "use an integer >= 1")
+
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(
+                f"model folder {self.model!r} does not exist: pass the path of a Hugging Face "
+                "Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
+            )
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            positive_int(name)
+        positive_int("tensor_parallel_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "use a fraction in (0, 1], e.g. 0.9")
+        positive_int("kvcache_block_size")
+        if self.kvcache_block_size % 16:
+            bad("kvcache_block_size", "use a multiple of 16 (e.g. 16, 32, 256)")
+        if self.num_kvcache_blocks is not None:
+            positive_int("num_kvcache_blocks")
+        if self.device not in ("auto", "cuda", "cpu"):
+            bad("device", 'use "auto", "cuda" or "cpu"')
+        if self.device == "cuda" and not torch.cuda.is_available():
+            bad("device", 'no CUDA GPU is visible to torch: use device="cpu" or "auto"')
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            bad("dtype", 'use "auto", "float32", "float16" or "bfloat16"')
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", f"use one of {ATTENTION_BACKENDS}")
+        if self.load_format not in ("auto", "dummy"):
+            bad("load_format", 'use "auto" (safetensors) or "dummy" (random weights)')
+        for name in ("pipeline_attention_sm_count", "pipeline_ffn_sm_count"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(name, "use a positive number of SMs, or None for the automatic split")
+        if (self.pipeline_attention_sm_count is None) != (self.pipeline_ffn_sm_count is None):
+            missing = (
+                "pipeline_ffn_sm_count"
+                if self.pipeline_ffn_sm_count is None
+                else "pipeline_attention_sm_count"
+            )
+            raise ValueError(
+                f"Config.{missing}=None while the other SM count is set: give both "
+                "pipeline_attention_sm_count and pipeline_ffn_sm_count, or neither (automatic)"
+            )
+        positive_int("pipeline_num_microbatches")
+        if self.pipeline_num_microbatches < 2:
+            bad("pipeline_num_microbatches", "use 2 or more (the pipeline overlaps micro-batches)")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class RuntimeInfo:
+    """What the engine resolved at start-up."""
+
+    device: torch.device
+    dtype: torch.dtype
+    hf_config: object
+    max_model_len: int
+    eos_token_ids: set[int] = field(default_factory=set)
+    num_kvcache_blocks: int = 0
+    attention_backend: str = ""
+    cuda_graphs: bool = False

@@ -1,0 +1,97 @@
+"""CUDA graphs for decode: one graph per batch-size bucket over static input buffers.
+
+The captured function is any decode step ``fn(input_ids, positions, meta) -> hidden`` : the
+model's plain forward, or the pipelined step (whose graph spans the green-context streams).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.engine.model_inputs import ModelInputs
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16, and always max_num_seqs itself."""
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs}
+    sizes |= set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs}
+    return sorted(sizes)
+
+
+class DecodeBuffers:
+    """Static decode inputs for up to ``max_num_seqs`` rows; ``max_blocks`` covers
+    ``max_model_len``. Rows past the live batch are padding: slot -1, context length 0."""
+
+    def __init__(self, max_num_seqs: int, max_blocks: int, hidden_size: int, dtype, device):
+        self.input_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
+
+    def meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slot_mapping[:bs],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+        )
+
+    def load(self, inputs: ModelInputs, bs: int) -> None:
+        n = inputs.input_ids.shape[0]
+        meta = inputs.meta
+        self.input_ids[:n] = inputs.input_ids
+        self.positions[:n] = inputs.positions
+        self.slot_mapping[:n] = meta.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.context_lens[:n] = meta.context_lens
+        self.context_lens[n:bs] = 0
+        width = meta.block_tables.shape[1]
+        # Entries past a row's context are never read, so stale columns need no clearing.
+        self.block_tables[:n, :width] = meta.block_tables.clamp(min=0)
+
+
+class DecodeGraphRunner:
+    def __init__(self, fn: StepFn, buffers: DecodeBuffers, max_num_seqs: int, name: str):
+        self.fn, self.buffers, self.name = fn, buffers, name
+        self.buckets = graph_buckets(max_num_seqs)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        buf = self.buffers
+        for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
+            args = (buf.input_ids[:bs], buf.positions[:bs], buf.meta(bs))
+            buf.hidden[:bs] = self.fn(*args)  # warm-up: autotuning and lazy init outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, self.pool):
+                buf.hidden[:bs] = self.fn(*args)
+            self.pool = self.pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        logger.info("captured %d %s decode CUDA graphs (batch buckets %s)", len(self.graphs),
+                    self.name, self.buckets)
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def run(self, inputs: ModelInputs) -> torch.Tensor:
+        n = inputs.input_ids.shape[0]
+        bs = self.bucket(n)
+        self.buffers.load(inputs, bs)
+        self.graphs[bs].replay()
+        return self.buffers.hidden[:n]

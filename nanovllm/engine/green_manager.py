@@ -1,0 +1,392 @@
+"""GreenContextManager: the attention and FFN SM partitions of one GPU, and their streams.
+
+Partition policy
+----------------
+One driver split makes a *group* and a *remainder* (see ``green_ctx.plan_sm_split``). By default
+the attention partition is the group and the FFN partition the remainder (``group="ffn"`` swaps
+them). Hence:
+
+- ``attention_sm_count=a`` is rounded up to the device granularity (multiples of 8 on H100).
+- The FFN partition receives every SM the attention partition does not take. If ``a + f`` is
+  less than the device's SMs, the leftover SMs go to the FFN partition (the compute-bound
+  stage, which benefits most); none is left idle. If rounding ``a`` up leaves fewer than ``f``
+  SMs, the FFN partition gets fewer than asked and a warning says so.
+- Only ``ffn_sm_count=f`` given: attention gets ``total - f`` rounded down, FFN the rest (>= f).
+- Neither given (automatic): attention gets about a third of the SMs, rounded down to the
+  granularity (40 of 132 on H100), FFN the rest (92): decode attention is memory-bound and needs
+  fewer SMs than the FFN GEMMs.
+
+The actual counts are always those reported by the driver (``attention_sms`` / ``ffn_sms``).
+
+Without green contexts (no GPU, no cuda-python, old driver, too few SMs) the manager does not
+raise: ``available`` is False, ``reason`` says why (logged once), and the streams are None.
+Invalid explicit counts are a configuration error and do raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+from collections.abc import Callable, Iterator
+
+import torch
+
+import green_ctx
+from green_ctx import GreenContextError, GreenSplit
+
+logger = logging.getLogger("nanovllm.green")
+
+ATTENTION_FIELD = "pipeline_attention_sm_count"
+FFN_FIELD = "pipeline_ffn_sm_count"
+AUTO_ATTENTION_FRACTION = 1 / 3
+
+_logged_reasons: set[str] = set()  # unavailability is logged once per process per reason
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logger.log(level, message)
+
+
+def _as_count(field: str, value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{field}={value!r} is not an integer: pass a positive number of SMs "
+            f"(e.g. {field}=16), or None to choose automatically"
+        ) from None
+    if count <= 0:
+        raise ValueError(
+            f"{field}={count} must be positive: pass a positive number of SMs "
+            f"(e.g. {field}=16), or None to choose automatically"
+        )
+    return count
+
+
+def validate_sm_counts(
+    attention_sm_count: int | None,
+    ffn_sm_count: int | None,
+    total_sms: int | None = None,
+    min_partition: int = 1,
+) -> tuple[int | None, int | None]:
+    """Check explicit SM counts; return them as ints. Raises ValueError naming the field.
+
+    Counts must be positive integers (or None); with ``total_sms`` known, together at most the
+    device's SMs, and each must leave ``min_partition`` SMs for the other partition.
+    """
+    a = _as_count(ATTENTION_FIELD, attention_sm_count)
+    f = _as_count(FFN_FIELD, ffn_sm_count)
+    if not total_sms:
+        return a, f
+    if a is not None and f is not None and a + f > total_sms:
+        raise ValueError(
+            f"{ATTENTION_FIELD}={a} + {FFN_FIELD}={f} = {a + f} exceeds the {total_sms} SMs of "
+            f"this GPU: lower them so that they sum to at most {total_sms}, or set one to None "
+            f"to give that partition the rest"
+        )
+    for field, value, other in ((ATTENTION_FIELD, a, "FFN"), (FFN_FIELD, f, "attention")):
+        if value is not None and value > total_sms - min_partition:
+            raise ValueError(
+                f"{field}={value} leaves {total_sms - value} of this GPU's {total_sms} SMs for "
+                f"the {other} partition, which needs at least {min_partition}: use at most "
+                f"{total_sms - min_partition}"
+            )
+    return a, f
+
+
+def default_attention_sm_count(total_sms: int, min_size: int, alignment: int) -> int:
+    """The automatic attention share: about a third of the SMs, rounded down to the granularity."""
+    target = green_ctx.round_down_sm_count(int(total_sms * AUTO_ATTENTION_FRACTION), alignment)
+    return max(target, green_ctx.round_sm_count(min_size, min_size, alignment))
+
+
+@contextlib.contextmanager
+def set_cublas_sm_budget(n_sms: int | None, total_sms: int | None = None) -> Iterator[None]:
+    """Within the block, let cuBLAS(Lt) pick kernels for ``n_sms`` SMs instead of the whole GPU.
+
+    Uses ``torch._C._set_sm_carveout_experimental`` (SM_COUNT_TARGET = SMs - carveout) and
+    restores the previous value on exit; a no-op (debug log) when torch lacks it, ``n_sms`` is
+    None, or the SM count is unknown. The setting is process-wide, not per stream: wrap exactly
+    the matmuls meant for one partition. During CUDA-graph capture the carveout in force when a
+    matmul is captured is baked into the captured kernel choice.
+    """
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    if n_sms is None or setter is None or getter is None:
+        logger.debug(
+            "cuBLAS SM budget not applied (n_sms=%s, torch support=%s)", n_sms, bool(setter)
+        )
+        yield
+        return
+    if total_sms is None:
+        if not torch.cuda.is_available():
+            logger.debug("cuBLAS SM budget not applied: no CUDA device to count SMs on")
+            yield
+            return
+        total_sms = torch.cuda.get_device_properties(
+            torch.cuda.current_device()
+        ).multi_processor_count
+    carveout = total_sms - n_sms
+    previous = getter()
+    setter(carveout if carveout > 0 else None)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+class GreenContextManager:
+    """Owns the attention and FFN green-context partitions of one device.
+
+    Attributes: ``available``, ``reason`` ("" when available), ``total_sms``, ``attention_sms``,
+    ``ffn_sms`` (actual counts, 0 when unavailable), ``attention_stream`` / ``ffn_stream``
+    (torch streams, None when unavailable or closed) and ``generation``, bumped by every
+    ``adjust_sm_allocation``: CUDA graphs captured on an older generation's streams must be
+    dropped and re-captured (``on_repartition`` callbacks are told when).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | int = 0,
+        attention_sm_count: int | None = None,
+        ffn_sm_count: int | None = None,
+        *,
+        group: str = "attention",
+    ) -> None:
+        if group not in ("attention", "ffn"):
+            raise ValueError(f"group={group!r} must be 'attention' or 'ffn'")
+        self.group = group
+        self.generation = 0
+        self.available = False
+        self.reason = ""
+        self.total_sms = 0
+        self._split: GreenSplit | None = None
+        self._callbacks: list[Callable[[GreenContextManager], None]] = []
+        self._closed = False
+        self._min_partition = 1
+        self._alignment = 1
+        self.requested_attention_sm_count, self.requested_ffn_sm_count = validate_sm_counts(
+            attention_sm_count, ffn_sm_count
+        )
+
+        self.device_index = self._probe(device)
+        validate_sm_counts(
+            attention_sm_count, ffn_sm_count, self.total_sms or None, self._min_partition
+        )
+        if self.reason:
+            return
+        try:
+            self._split = self._create(
+                self.requested_attention_sm_count, self.requested_ffn_sm_count
+            )
+        except GreenContextError as e:
+            self._unavailable(str(e))
+            return
+        self.available = True
+        self._log_split()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _unavailable(self, reason: str) -> None:
+        self.available = False
+        self.reason = reason
+        _log_once(
+            logging.WARNING,
+            f"green contexts unavailable, the pipeline cannot partition SMs: {reason}",
+        )
+
+    def _probe(self, device: torch.device | int) -> int | None:
+        """Fill total_sms and the granularity; record why green contexts cannot be used, if so."""
+        if isinstance(device, int):
+            index = device
+        else:
+            device = torch.device(device)
+            if device.type != "cuda":
+                self._unavailable(f"device {device} is not a CUDA device")
+                return None
+            index = device.index
+        info = None
+        try:
+            info = green_ctx.query_sm_info(index)
+            problem = green_ctx.unmet_requirement(info)
+        except GreenContextError as e:
+            problem = str(e)
+        except Exception as e:  # e.g. cuda-python installed but libcuda missing
+            problem = f"{type(e).__name__}: {e}"
+        if info is not None:
+            self.total_sms = info.total_sms
+            self._min_partition, self._alignment = info.min_partition_size, info.alignment
+            index = info.device_index
+        elif torch.cuda.is_available():
+            # No driver bindings, but torch sees the GPU: learn its SM count anyway, so that
+            # impossible counts are still reported as configuration errors.
+            index = torch.cuda.current_device() if index is None else index
+            props = torch.cuda.get_device_properties(index)
+            self.total_sms = props.multi_processor_count
+            self._min_partition, self._alignment = green_ctx.default_granularity(
+                (props.major, props.minor)
+            )
+        if problem:
+            self._unavailable(problem)
+        return index
+
+    def _create(self, attention: int | None, ffn: int | None) -> GreenSplit:
+        if attention is None and ffn is None:
+            attention = default_attention_sm_count(
+                self.total_sms, self._min_partition, self._alignment
+            )
+        first, second = (attention, ffn) if self.group == "attention" else (ffn, attention)
+        return green_ctx.create_green_split(self.device_index, first, second)
+
+    def _log_split(self) -> None:
+        def req(n: int | None) -> str:
+            return "auto" if n is None else str(n)
+
+        ra, rf = self.requested_attention_sm_count, self.requested_ffn_sm_count
+        logger.info(
+            "green contexts on cuda:%s (generation %d): attention %d SMs (requested %s), "
+            "ffn %d SMs (requested %s), of %d",
+            self.device_index,
+            self.generation,
+            self.attention_sms,
+            req(ra),
+            self.ffn_sms,
+            req(rf),
+            self.total_sms,
+        )
+        for name, got, wanted in (("attention", self.attention_sms, ra), ("ffn", self.ffn_sms, rf)):
+            if wanted is not None and got < wanted:
+                logger.warning(
+                    "%s partition got %d SMs, fewer than the %d requested: partitions come in "
+                    "multiples of %d SMs (at least %d) and the other partition was rounded up",
+                    name,
+                    got,
+                    wanted,
+                    self._alignment,
+                    self._min_partition,
+                )
+
+    # -- partitions ----------------------------------------------------------------------------
+
+    def _partition(self, name: str) -> green_ctx.GreenPartition | None:
+        if self._split is None:
+            return None
+        return self._split.first if name == self.group else self._split.second
+
+    @property
+    def attention_stream(self) -> torch.cuda.Stream | None:
+        p = self._partition("attention")
+        return p.stream if p else None
+
+    @property
+    def ffn_stream(self) -> torch.cuda.Stream | None:
+        p = self._partition("ffn")
+        return p.stream if p else None
+
+    @property
+    def attention_sms(self) -> int:
+        p = self._partition("attention")
+        return p.sm_count if p else 0
+
+    @property
+    def ffn_sms(self) -> int:
+        p = self._partition("ffn")
+        return p.sm_count if p else 0
+
+    def on_repartition(
+        self, fn: Callable[[GreenContextManager], None]
+    ) -> Callable[[GreenContextManager], None]:
+        """Register ``fn(manager)``, called after each repartition while the old streams' contexts
+        still exist (so it can drop graphs captured on them). Usable as a decorator."""
+        self._callbacks.append(fn)
+        return fn
+
+    def adjust_sm_allocation(
+        self, attention_sm_count: int | None, ffn_sm_count: int | None
+    ) -> tuple[int, int]:
+        """Re-partition the SMs; returns the actual (attention_sms, ffn_sms).
+
+        The new partitions are created before the old ones are destroyed, so a driver failure
+        (raised as ``GreenContextError``) leaves the current partitions in place. On success
+        ``generation`` is bumped, the callbacks run, then the old streams are drained and
+        destroyed. Without green contexts it only validates and records the request.
+        """
+        if self._closed:
+            raise RuntimeError("GreenContextManager is closed; create a new one")
+        a, f = validate_sm_counts(
+            attention_sm_count, ffn_sm_count, self.total_sms or None, self._min_partition
+        )
+        if not self.available:
+            self.requested_attention_sm_count, self.requested_ffn_sm_count = a, f
+            logger.debug("adjust_sm_allocation ignored: %s", self.reason)
+            return 0, 0
+        new = self._create(a, f)
+        old, self._split = self._split, new
+        self.requested_attention_sm_count, self.requested_ffn_sm_count = a, f
+        self.generation += 1
+        self._log_split()
+        try:
+            for fn in list(self._callbacks):
+                fn(self)
+        finally:
+            if old is not None:
+                old.close()
+        return self.attention_sms, self.ffn_sms
+
+    def cublas_sm_budget(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        """``set_cublas_sm_budget`` for the partition of ``stage`` ("attention" or "ffn")."""
+        if stage not in ("attention", "ffn"):
+            raise ValueError(f"stage={stage!r} must be 'attention' or 'ffn'")
+        n = self.attention_sms if stage == "attention" else self.ffn_sms
+        return set_cublas_sm_budget(n or None, self.total_sms or None)
+
+    def stats(self) -> dict:
+        """A plain dict for pipeline statistics."""
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "device": self.device_index,
+            "total_sms": self.total_sms,
+            "attention_sms": self.attention_sms,
+            "ffn_sms": self.ffn_sms,
+            "requested_attention_sms": self.requested_attention_sm_count,
+            "requested_ffn_sms": self.requested_ffn_sm_count,
+            "group": self.group,
+            "generation": self.generation,
+        }
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drain and destroy the streams and green contexts. Idempotent.
+
+        Drop CUDA graphs captured on these streams first: their nodes belong to the contexts
+        destroyed here. (Interpreter exit also cleans up, through ``GreenSplit``'s finalizer.)
+        """
+        self._closed = True
+        split, self._split = self._split, None
+        if split is not None:
+            split.close()
+            self.available = False
+            self.reason = "closed"
+
+    def __enter__(self) -> GreenContextManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if not self.available:
+            return f"GreenContextManager(available=False, reason={self.reason!r})"
+        return (
+            f"GreenContextManager(cuda:{self.device_index}, attention={self.attention_sms}, "
+            f"ffn={self.ffn_sms}, total={self.total_sms}, generation={self.generation})"
+        )

@@ -1,0 +1,81 @@
+"""Size and allocate the paged KV cache, and bind each layer's slice to its Attention module."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from nanovllm.layers.attention import Attention
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 256 << 20  # the bounded default on CPU
+
+
+def block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across every layer, K and V."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    per_token = sum(2 * m.num_kv_heads * m.head_dim for m in layers)
+    return per_token * block_size * dtype.itemsize
+
+
+def gpu_kv_budget(device: torch.device, utilization: float, baseline_used: int) -> int:
+    """Bytes free for the KV cache on this GPU.
+
+    ``baseline_used`` is what other processes (and the CUDA context) held before this engine
+    allocated anything; it is counted as unavailable. This process's own peak (weights plus the
+    warm-up's activations) comes from the caching allocator, not from device-wide usage, so
+    neighbours that grow later cannot drive the count negative in hidden ways.
+    """
+    total = torch.cuda.mem_get_info(device)[1]
+    peak = torch.cuda.max_memory_reserved(device)
+    return int(total * utilization) - baseline_used - peak
+
+
+def num_blocks_for(
+    config, model: nn.Module, dtype: torch.dtype, device: torch.device, baseline_used: int
+) -> int:
+    per_block = block_bytes(model, config.kvcache_block_size, dtype)
+    if config.num_kvcache_blocks is not None:
+        num_blocks = config.num_kvcache_blocks
+        how = "set by num_kvcache_blocks"
+    elif device.type == "cuda":
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, baseline_used)
+        num_blocks = budget // per_block
+        how = f"from gpu_memory_utilization={config.gpu_memory_utilization}"
+        if num_blocks < 1:
+            raise ValueError(
+                f"no GPU memory is left for the KV cache (budget {budget / 2**30:.2f} GiB with "
+                f"gpu_memory_utilization={config.gpu_memory_utilization}): raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens, or free the GPU"
+            )
+    else:
+        needed = config.max_num_seqs * config.max_model_len // config.kvcache_block_size + 1
+        num_blocks = max(1, min(needed, CPU_KV_CACHE_BYTES // per_block))
+        how = f"CPU default, at most {CPU_KV_CACHE_BYTES >> 20} MiB"
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
+        num_blocks,
+        config.kvcache_block_size,
+        num_blocks * per_block / 2**30,
+        how,
+    )
+    return num_blocks
+
+
+def allocate_kv_cache(
+    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """One tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; layer l's
+    Attention gets views of [0, l] (K) and [1, l] (V)."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
+    # zeros, not empty: masked-out slots must not hold NaN (0 * NaN poisons the torch reference)
+    cache = torch.zeros(
+        2, len(layers), num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device
+    )
+    for i, layer in enumerate(layers):
+        layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+    return cache

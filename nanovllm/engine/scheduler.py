@@ -1,0 +1,147 @@
+"""Continuous batching: chunked prefill first, then decode; preemption by recompute."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``num_new_tokens[i]`` tokens of ``seqs[i]``, starting at its
+    ``num_computed_tokens``. A sequence samples a token when the step reaches its end."""
+
+    is_prefill: bool
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def samples(self, i: int) -> bool:
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        batch = ScheduledBatch(is_prefill=True)
+        budget = self.max_num_batched_tokens
+
+        def take(seq: Sequence) -> None:
+            nonlocal budget
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+        for seq in self.running:  # sequences in the middle of a chunked prefill
+            if budget and seq.needs_prefill:
+                take(seq)
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(self.waiting.popleft())
+            if seq.needs_prefill:
+                take(seq)  # otherwise the prefix cache held all but its last token: decode it
+        return batch
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        batch = ScheduledBatch(is_prefill=False)
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted or finished earlier in this loop
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1:
+                    # Alone and still no room: the KV cache cannot hold this sequence longer.
+                    self.finish(seq, "length")
+                    logger.warning(
+                        "sequence %d ended at %d tokens: the KV cache (%d blocks) is full",
+                        seq.seq_id,
+                        len(seq),
+                        self.block_manager.num_blocks,
+                    )
+                    break
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self.block_manager.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(1)
+        return batch
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks and queue it first for a re-prefill (recompute)."""
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.debug("preempted sequence %d (KV cache full)", seq.seq_id)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)
+
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> None:
+        """Advance each sequence by the tokens it computed; append sampled tokens; finish."""
+        for i, (seq, token_id) in enumerate(zip(batch.seqs, token_ids)):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            self.block_manager.register_computed(seq)
+            if token_id is None:
+                continue
+            seq.token_ids.append(token_id)
+            p = seq.params
+            if (not p.ignore_eos and token_id in self.eos_token_ids) or (
+                token_id in p.stop_token_ids
+            ):
+                self.finish(seq, "stop")
+            elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+                self.finish(seq, "length")

@@ -1,0 +1,1 @@
+"""Triton GPU kernels (paged KV-cache writes, prefill and split-KV decode attention)."""
