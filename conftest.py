@@ -38,7 +38,10 @@ def tiny_model_variants(tmp_path_factory) -> dict[str, str]:
     return {
         "hub": make_random_qwen3(str(root / "hub"), "tiny", config_style="hub", seed=1),
         "sharded": make_random_qwen3(
-            str(root / "sharded"), "tiny", max_shard_size="200KB", seed=2,
+            str(root / "sharded"),
+            "tiny",
+            max_shard_size="200KB",
+            seed=2,
             tie_word_embeddings=False,
         ),
     }
@@ -53,8 +56,29 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
     for ids in prompts:
         x = torch.tensor([ids])
         y = model.generate(
-            x, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            x,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
             pad_token_id=0,
         )
-        out.append(y[0, len(ids):].tolist())
+        out.append(y[0, len(ids) :].tolist())
     return out
+
+
+@pytest.fixture(scope="session")
+def gpu_model_06b(tmp_path_factory) -> str:
+    """A bf16 random-weight model of Qwen3-0.6B shape, saved by transformers (GPU tests only)."""
+    if not HAS_GPU:
+        pytest.skip("needs an NVIDIA GPU")
+    from nanovllm.utils.default_model import make_random_qwen3
+
+    path = str(tmp_path_factory.mktemp("qwen3-0.6b-random"))
+    return make_random_qwen3(path, "0.6b", dtype=torch.bfloat16, device="cuda", seed=0)
+
+
+def mixed_prompts(n: int, seed: int = 0, vocab: int = 400, lo: int = 3, hi: int = 300):
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

@@ -51,7 +51,8 @@ class Config:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive_int(name)
         positive_int("tensor_parallel_size")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        u = self.gpu_memory_utilization
+        if not isinstance(u, (int, float)) or isinstance(u, bool) or not 0 < u <= 1:
             bad("gpu_memory_utilization", "use a fraction in (0, 1], e.g. 0.9")
         positive_int("kvcache_block_size")
         if self.kvcache_block_size % 16:

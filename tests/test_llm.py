@@ -1,13 +1,19 @@
-"""End to end on CPU: greedy tokens equal Hugging Face transformers' generate."""
+"""End to end on CPU (also on GPU machines): greedy tokens equal transformers' generate in
+float32."""
 
 import random
 
 import pytest
 
 from conftest import hf_greedy
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM as _LLM
+from nanovllm import SamplingParams
 
 MAX_NEW = 12
+
+
+def LLM(path, **kw):  # noqa: N802 - the engine, pinned to the CPU for exact float32 parity
+    return _LLM(path, device="cpu", **kw)
 
 
 def prompts_of(lengths, seed=0, vocab=400):

@@ -31,7 +31,9 @@ def _load(name: str) -> AttentionBackend:
         return TorchAttentionBackend()
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
-            raise ImportError("the triton backend needs Triton: pip install 'nanovllm-pipeline[gpu]'")
+            raise ImportError(
+                "the triton backend needs Triton: pip install 'nanovllm-pipeline[gpu]'"
+            )
         from nanovllm.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()

@@ -20,7 +20,7 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, num_keys: int) 
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """q [..., H, Lq, D], k/v [..., H, Lk, D], mask broadcastable to [..., H, Lq, Lk] (True = keep)."""
+    """q [..., H, Lq, D], k/v [..., H, Lk, D], mask [..., H, Lq, Lk]-broadcastable (True: keep)."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key (padding) -> 0

@@ -82,8 +82,12 @@ class DecodeGraphRunner:
             self.pool = self.pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
-        logger.info("captured %d %s decode CUDA graphs (batch buckets %s)", len(self.graphs),
-                    self.name, self.buckets)
+        logger.info(
+            "captured %d %s decode CUDA graphs (batch buckets %s)",
+            len(self.graphs),
+            self.name,
+            self.buckets,
+        )
 
     def reset(self) -> None:
         self.graphs.clear()

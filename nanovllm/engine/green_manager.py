@@ -115,7 +115,9 @@ def set_cublas_sm_budget(n_sms: int | None, total_sms: int | None = None) -> Ite
     restores the previous value on exit; a no-op (debug log) when torch lacks it, ``n_sms`` is
     None, or the SM count is unknown. The setting is process-wide, not per stream: wrap exactly
     the matmuls meant for one partition. During CUDA-graph capture the carveout in force when a
-    matmul is captured is baked into the captured kernel choice.
+    matmul is captured is baked into the captured kernel choice. torch reads it on its cuBLASLt
+    paths (and some CUTLASS kernels); a plain bf16 matmul may take the classic cuBLAS path
+    unless ``torch.backends.cuda.preferred_blas_library("cublaslt")`` is set.
     """
     setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
     getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
@@ -199,7 +201,7 @@ class GreenContextManager:
         self.reason = reason
         _log_once(
             logging.WARNING,
-            f"green contexts unavailable, the pipeline cannot partition SMs: {reason}",
+            f"pipeline SM partitioning disabled: {reason}",
         )
 
     def _probe(self, device: torch.device | int) -> int | None:
@@ -317,6 +319,8 @@ class GreenContextManager:
         (raised as ``GreenContextError``) leaves the current partitions in place. On success
         ``generation`` is bumped, the callbacks run, then the old streams are drained and
         destroyed. Without green contexts it only validates and records the request.
+        Memory the caching allocator keeps for the old streams is freed by
+        ``torch.cuda.empty_cache()``.
         """
         if self._closed:
             raise RuntimeError("GreenContextManager is closed; create a new one")

@@ -79,7 +79,9 @@ class ModelRunner:
                 config.max_num_seqs, max_blocks, hf.hidden_size, self.dtype, self.device
             )
         use_graphs = (
-            self.device.type == "cuda" and not config.enforce_eager and self.backend.name in GRAPH_SAFE
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.backend.name in GRAPH_SAFE
         )
         if use_graphs:
             self.graph_runner = DecodeGraphRunner(

@@ -19,6 +19,7 @@ accumulated in fp32.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -104,7 +105,7 @@ def store_kvcache(
     assert k.stride(2) == 1 and v.stride(2) == 1, "k/v need a contiguous head_dim"
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "KV cache needs a contiguous head_dim"
     assert k_cache.shape[2:] == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
-    assert slot_mapping.shape == (num_tokens,)
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.is_contiguous()
     _store_kvcache_kernel[(num_tokens,)](
         k,
         v,
@@ -162,6 +163,7 @@ def _decode_split_kernel(
     KV_BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
 ):
     # Program (seq, kv_head, split): the GROUP query heads sharing one KV head are packed into
     # the rows of a [BLOCK_H, HEAD_DIM] tile (BLOCK_H >= 16 for tl.dot, padded rows masked), so
@@ -191,11 +193,24 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    # A tile may span several cache blocks (block_size < BLOCK_N): block ids are per token.
+    offs_t = tl.arange(0, BLOCK_N)
+    blk_next = tl.load(
+        table + (start + offs_t) // KV_BLOCK_SIZE, mask=start + offs_t < end, other=0
+    )
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_t
         n_mask = offs_n < end
-        # A tile may span several cache blocks (block_size < BLOCK_N): gather per token.
-        blk = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        if PREFETCH_TABLE:
+            # Block ids come one iteration ahead through a loop-carried value: the K/V loads
+            # then depend on no load of their own iteration, and Triton's pipeliner gives them
+            # all num_stages - 1 stages of prefetch (an in-iteration index load would count as
+            # a level of indirection and halve that).
+            blk = blk_next.to(tl.int64)
+            offs_next = offs_n + BLOCK_N
+            blk_next = tl.load(table + offs_next // KV_BLOCK_SIZE, mask=offs_next < end, other=0)
+        else:
+            blk = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         pos = offs_n % KV_BLOCK_SIZE
         k_row = blk * stride_kcb + pos * stride_kcs + kvh * stride_kch  # [BLOCK_N]
         v_row = blk * stride_vcb + pos * stride_vcs + kvh * stride_vch
@@ -285,13 +300,22 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: 
     return min(triton.next_power_of_2(want), 1 << (limit.bit_length() - 1))
 
 
-def _decode_defaults(head_dim: int, is_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages)."""
-    if not is_gpu:
-        return 16, 4, 1
-    # K+V tiles of 64 tokens x 128 dims x 2 bytes = 32 KB per stage: with 3 stages, about 64 KB
-    # of loads in flight per program and two programs per SM.
-    return (64 if head_dim <= 128 else 32), 4, 3
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile and pipelining knobs of the decode kernel (for tuning; defaults per device)."""
+
+    block_n: int = 64  # keys per tile; K+V tile = 2 * block_n * head_dim * itemsize bytes
+    num_warps: int = 4
+    num_stages: int = 3  # tiles in flight per program = num_stages - 1
+    prefetch_table: bool = True
+
+
+def default_decode_config(head_dim: int, is_gpu: bool) -> DecodeConfig:
+    if not is_gpu:  # interpreter: small tiles so that tests cover multi-tile loops
+        return DecodeConfig(block_n=16, num_stages=1)
+    # bf16, head_dim 128: K+V tiles of 32 KB; 3 stages keep two of them (64 KB) in flight per
+    # program within about 100 KB of shared memory, so two programs fit on one SM.
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
 
 
 def paged_decode_attention(
@@ -304,14 +328,12 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     num_sms: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], dtype of q
     """Flash-decoding over the paged cache. No host sync: safe inside CUDA-graph capture.
 
     ``num_splits`` overrides the shape-based choice (``choose_num_splits`` with ``num_sms``,
-    default the device's SM count); the tile knobs are for tuning and benchmarks.
+    default the device's SM count); ``config`` overrides the tile defaults (tuning, benchmarks).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, kv_block_size = k_cache.shape[2], k_cache.shape[1]
@@ -321,16 +343,16 @@ def paged_decode_attention(
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "KV cache needs a contiguous head_dim"
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
     assert block_tables.shape[0] == num_seqs and context_lens.shape == (num_seqs,)
-    assert block_tables.stride(1) == 1, "block tables need contiguous rows"
+    assert block_tables.stride(1) == 1 or block_tables.shape[1] == 1, "tables: contiguous rows"
+    assert context_lens.stride(0) == 1 or num_seqs == 1, "context_lens must be contiguous"
     group = num_heads // num_kv_heads
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
 
     is_gpu = q.device.type == "cuda"
-    d_block_n, d_warps, d_stages = _decode_defaults(head_dim, is_gpu)
-    block_n = block_n or d_block_n
-    assert block_n >= 16 and block_n & (block_n - 1) == 0, "block_n: power of two >= 16"
+    cfg = config or default_decode_config(head_dim, is_gpu)
+    assert cfg.block_n >= 16 and cfg.block_n & (cfg.block_n - 1) == 0, "block_n: power of 2 >= 16"
     if num_splits is None:
         max_keys = block_tables.shape[1] * kv_block_size
         num_splits = choose_num_splits(
@@ -372,10 +394,11 @@ def paged_decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         KV_BLOCK_SIZE=kv_block_size,
-        BLOCK_N=block_n,
+        BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits,
-        num_warps=num_warps or d_warps,
-        num_stages=num_stages or d_stages,
+        PREFETCH_TABLE=cfg.prefetch_table,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -504,7 +527,7 @@ def _prefill_defaults(head_dim: int, is_gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if not is_gpu:
         return 16, 16, 4, 1
-    return 64, 64, 4, 3 if head_dim <= 128 else 2
+    return 64, 64, 4, (3 if head_dim <= 128 else 2)
 
 
 def prefill_attention(
@@ -532,6 +555,7 @@ def prefill_attention(
     _check_head_dim(head_dim)
     assert q.stride(2) == 1, "q needs a contiguous head_dim"
     num_seqs = cu_seqlens_q.shape[0] - 1
+    assert cu_seqlens_q.is_contiguous() and cu_seqlens_k.is_contiguous()
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -546,7 +570,7 @@ def prefill_attention(
         kb, vb = kt.stride(0), vt.stride(0)
         k_strides = (kt.stride(1), kt.stride(2))
         v_strides = (vt.stride(1), vt.stride(2))
-        assert block_tables.stride(1) == 1, "block tables need contiguous rows"
+        assert block_tables.stride(1) == 1 or block_tables.shape[1] == 1, "tables: contiguous rows"
         tables, stride_bt = block_tables, block_tables.stride(0)
     else:
         kt, vt = k, v
@@ -598,7 +622,9 @@ def _check_head_dim(head_dim: int) -> None:
 
 
 __all__ = [
+    "DecodeConfig",
     "choose_num_splits",
+    "default_decode_config",
     "device_sm_count",
     "paged_decode_attention",
     "prefill_attention",

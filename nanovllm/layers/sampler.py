@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+_MIN_TEMPERATURE = 1e-5
+
 
 class Sampler(nn.Module):
     """Per-row greedy (temperature 0), temperature, top-k (<= 0: off) and top-p sampling.
@@ -14,7 +16,10 @@ class Sampler(nn.Module):
         is_greedy = temperatures <= 0
         if bool(is_greedy.all()):
             return greedy
-        scaled = logits / torch.where(is_greedy, 1.0, temperatures).unsqueeze(1)
+        # A tiny positive temperature would overflow logits / t to inf (NaN probabilities):
+        # clamp it, which keeps such rows (near-)greedy.
+        t = temperatures.clamp(min=_MIN_TEMPERATURE)
+        scaled = logits / torch.where(is_greedy, 1.0, t).unsqueeze(1)
         sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
         drop = (top_ks.unsqueeze(1) > 0) & (rank >= top_ks.unsqueeze(1))

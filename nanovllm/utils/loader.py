@@ -36,7 +36,7 @@ def load_model(model: nn.Module, path: str) -> None:
     tied = getattr(model, "tie_word_embeddings", False)
     # A packed parameter counts as loaded once every one of its shards has arrived.
     needed: dict[str, set] = {name: {None} for name in params}
-    for fragment, (target, shard) in packed.items():
+    for target, shard in packed.values():
         for name in params:
             if f".{target}." in name:
                 needed[name] = needed[name] - {None} | {shard}

@@ -16,7 +16,12 @@ pytest.importorskip("triton")
 from nanovllm.attention.metadata import AttentionMetadata  # noqa: E402
 from nanovllm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from nanovllm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from nanovllm.kernels.triton_attention import paged_decode_attention  # noqa: E402
+from nanovllm.kernels.triton_attention import (  # noqa: E402
+    MAX_SPLITS,
+    DecodeConfig,
+    choose_num_splits,
+    paged_decode_attention,
+)
 
 TORCH = TorchAttentionBackend()
 TRITON = TritonAttentionBackend()
@@ -154,15 +159,16 @@ def test_store_kvcache_empty_cache_is_noop_cpu():
 
 
 @pytest.mark.parametrize(
-    "block_size,group,num_splits,block_n",
+    "block_size,group,num_splits,block_n,prefetch",
     [
-        (16, 1, None, 16),  # shape-chosen splits (1 here)
-        (16, 4, 4, 32),  # tiles span two cache blocks
-        (32, 4, 2, 16),  # several tiles per block
-        (32, 1, 3, 16),  # split count not a power of two
+        (16, 1, None, 16, True),  # shape-chosen splits (1 here)
+        (16, 4, 4, 32, True),  # tiles span two cache blocks
+        (16, 4, 4, 32, False),  # block ids loaded in the tile's own iteration
+        (32, 4, 2, 16, True),  # several tiles per block
+        (32, 1, 3, 16, False),  # split count not a power of two
     ],
 )
-def test_decode_cpu(block_size, group, num_splits, block_n):
+def test_decode_cpu(block_size, group, num_splits, block_n, prefetch):
     lens = [37, 0, 64, 5]  # not block multiples, a padding row, an exact multiple
     q, k_cache, v_cache, meta = decode_case(lens, 2, group, 16, block_size, torch.float32, CPU)
     ref = TORCH.decode(q, k_cache, v_cache, meta, 0.25)
@@ -174,7 +180,7 @@ def test_decode_cpu(block_size, group, num_splits, block_n):
         meta.context_lens,
         0.25,
         num_splits=num_splits,
-        block_n=block_n,
+        config=DecodeConfig(block_n=block_n, num_stages=1, prefetch_table=prefetch),
     )
     assert_close(out, ref, atol=1e-5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -187,6 +193,31 @@ def test_decode_backend_and_micro_batch_slice_cpu():
     assert_close(TRITON.decode(q, k_cache, v_cache, meta, 0.2), ref, atol=1e-5)
     sub = meta.decode_slice(1, 4)  # a micro-batch's rows: row-offset views of the tables
     assert_close(TRITON.decode(q[1:4], k_cache, v_cache, sub, 0.2), ref[1:4], atol=1e-5)
+
+
+def test_decode_default_splits_cpu():
+    """A table wide enough (like max_model_len) for the shape-based choice to pick 2 splits."""
+    lens = [300, 0, 45]
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache = random_cache(16, 32, 2, 32, torch.float32, CPU, gen)
+    q = torch.randn(3, 4, 32, generator=gen)
+    meta = decode_meta(lens, 32, 16, CPU, gen, width=16)
+    assert choose_num_splits(3, 2, 16 * 32, num_sms=4) == 2
+    ref = TORCH.decode(q, k_cache, v_cache, meta, 0.1)
+    assert_close(TRITON.decode(q, k_cache, v_cache, meta, 0.1), ref, atol=1e-5)
+
+
+def test_choose_num_splits():
+    # Few sequences on many SMs: split, but never below 256 keys of table width.
+    assert choose_num_splits(1, 8, 8192, num_sms=132) == 32
+    assert choose_num_splits(1, 8, 1 << 20, num_sms=132) == MAX_SPLITS
+    assert choose_num_splits(1, 8, 512, num_sms=132) == 2
+    assert choose_num_splits(1, 8, 100, num_sms=132) == 1
+    # Enough (sequence, KV head) programs already: no split, no merge kernel.
+    assert choose_num_splits(256, 8, 8192, num_sms=132) == 1
+    for batch in range(1, 300, 7):
+        n = choose_num_splits(batch, 8, 4096, num_sms=132)
+        assert 1 <= n <= MAX_SPLITS and n & (n - 1) == 0
 
 
 @pytest.mark.parametrize(
@@ -221,11 +252,16 @@ def gpu_lens(batch, max_ctx, block_size, seed):
     return lens
 
 
+# Every (block size, GQA ratio) pair, batch sizes cycling through 1 / 13 / 64.
+DECODE_SHAPES = [
+    (block_size, group, *[(1, 4096), (13, 1000), (64, 2048)][i % 3])
+    for i, (block_size, group) in enumerate((bs, g) for bs in (16, 32, 256) for g in (1, 2, 4, 8))
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [16, 32, 256])
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
-@pytest.mark.parametrize("batch,max_ctx", [(1, 4096), (13, 1000), (64, 2048)])
+@pytest.mark.parametrize("block_size,group,batch,max_ctx", DECODE_SHAPES)
 def test_decode_gpu(dtype, block_size, group, batch, max_ctx):
     lens = gpu_lens(batch, max_ctx, block_size, seed=batch + group)
     q, k_cache, v_cache, meta = decode_case(lens, 2, group, 128, block_size, dtype, GPU)
@@ -239,7 +275,7 @@ def test_decode_gpu(dtype, block_size, group, batch, max_ctx):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,num_kv_heads,group", [(64, 4, 4), (64, 8, 2), (128, 8, 4)])
-@pytest.mark.parametrize("num_splits", [None, 1, 2, 7, 64])
+@pytest.mark.parametrize("num_splits", [None, 1, 7, 64])
 def test_decode_splits_gpu(dtype, head_dim, num_kv_heads, group, num_splits):
     lens = gpu_lens(9, 3000, 16, seed=5)
     q, k_cache, v_cache, meta = decode_case(lens, num_kv_heads, group, head_dim, 16, dtype, GPU)
@@ -250,6 +286,30 @@ def test_decode_splits_gpu(dtype, head_dim, num_kv_heads, group, num_splits):
     )
     assert_close(out, ref, atol=ATOL)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodeConfig(block_n=32, num_stages=2),
+        DecodeConfig(block_n=64, num_stages=4, prefetch_table=False),
+        DecodeConfig(block_n=128, num_warps=8, num_stages=2),
+        DecodeConfig(block_n=64, num_warps=8, num_stages=5),
+    ],
+)
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_decode_configs_gpu(config, block_size):
+    """Tuning configs the benchmark sweeps must stay correct."""
+    lens = gpu_lens(6, 2500, block_size, seed=11)
+    q, k_cache, v_cache, meta = decode_case(lens, 8, 4, 128, block_size, torch.bfloat16, GPU)
+    ref = TORCH.decode(q, k_cache, v_cache, meta, 0.08)
+    for num_splits in (1, 8):
+        tables, lens = meta.block_tables, meta.context_lens
+        out = paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, 0.08, num_splits=num_splits, config=config
+        )
+        assert_close(out, ref, atol=ATOL)
 
 
 @pytest.mark.gpu

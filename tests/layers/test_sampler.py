@@ -1,0 +1,120 @@
+"""Sampler: greedy rows, top-k / top-p filters, mixed batches, and the sampled distribution."""
+
+import pytest
+import torch
+
+from nanovllm.layers.sampler import Sampler
+
+VOCAB = 50
+
+
+def params(n, temperature=1.0, top_k=0, top_p=1.0):
+    def full(v, dtype):
+        return v if torch.is_tensor(v) else torch.full((n,), v, dtype=dtype)
+
+    return full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def logits():
+    return torch.randn(64, VOCAB, generator=gen(123)) * 3
+
+
+def test_temperature_zero_is_argmax(logits):
+    out = Sampler()(logits, *params(len(logits), temperature=0.0), generator=gen())
+    assert torch.equal(out, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+def test_top_k_1_is_argmax_at_any_temperature(logits, temperature):
+    sampler = Sampler()
+    for seed in range(3):
+        p = params(len(logits), temperature=temperature, top_k=1)
+        out = sampler(logits, *p, generator=gen(seed))
+        assert torch.equal(out, logits.argmax(-1))
+
+
+def test_tiny_top_p_keeps_only_the_top_token(logits):
+    p = params(len(logits), temperature=2.0, top_p=1e-6)
+    for seed in range(3):
+        assert torch.equal(Sampler()(logits, *p, generator=gen(seed)), logits.argmax(-1))
+
+
+def test_mixed_greedy_and_sampled_rows():
+    # Flat logits with a slight favourite: a sampled row rarely picks the argmax, a greedy
+    # row always does.
+    n = 8
+    logits = torch.zeros(n, VOCAB)
+    logits[:, 3] = 0.5
+    temperatures = torch.tensor([0, 1, 0, 1, 0, 1, 0.7, 0], dtype=torch.float32)
+    _, top_ks, top_ps = params(n)
+    greedy_rows = temperatures == 0
+    sampled_seen = set()
+    for seed in range(10):
+        out = Sampler()(logits, temperatures, top_ks, top_ps, generator=gen(seed))
+        assert out.shape == (n,) and out.dtype == torch.int64
+        assert torch.all(out[greedy_rows] == 3)
+        assert torch.all((out >= 0) & (out < VOCAB))
+        sampled_seen.update(out[~greedy_rows].tolist())
+    assert len(sampled_seen) > 5  # the sampled rows really sample
+
+
+def test_per_row_parameters_are_independent():
+    logits = torch.randn(3, VOCAB, generator=gen(5))
+    temperatures = torch.tensor([1.0, 1.0, 1.0])
+    top_ks = torch.tensor([1, 0, 0])
+    top_ps = torch.tensor([1.0, 1e-6, 1.0])
+    seen_row2 = set()
+    for seed in range(20):
+        out = Sampler()(logits, temperatures, top_ks, top_ps, generator=gen(seed))
+        assert out[0] == logits[0].argmax() and out[1] == logits[1].argmax()
+        seen_row2.add(int(out[2]))
+    assert len(seen_row2) > 1
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_sampled_tokens_stay_in_top_k(logits, k):
+    topk = logits.topk(k, dim=-1).indices
+    p = params(len(logits), temperature=3.0, top_k=k)  # hot: without the filter anything goes
+    seen = torch.zeros(len(logits), VOCAB, dtype=torch.bool)
+    for seed in range(30):
+        out = Sampler()(logits, *p, generator=gen(seed))
+        assert torch.all((topk == out.unsqueeze(1)).any(dim=1))
+        seen[torch.arange(len(logits)), out] = True
+    assert (seen.sum(dim=1) > 1).any()  # more than the argmax is drawn
+
+
+def draw(logits_row, n, seed=0, **kw):
+    logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
+    out = Sampler()(logits, *params(n, **kw), generator=gen(seed))
+    return torch.bincount(out, minlength=logits_row.numel()).float() / n
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_empirical_distribution_matches_softmax(temperature):
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits_row = probs.log()
+    freq = draw(logits_row, 40_000, temperature=temperature)
+    expected = torch.softmax(logits_row / temperature, dim=-1)
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+def test_top_p_and_top_k_renormalise():
+    logits_row = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    # top-p 0.5 keeps the smallest prefix reaching 0.5: tokens 0 and 1, in ratio 4:3
+    freq = draw(logits_row, 40_000, seed=1, top_p=0.5)
+    assert torch.allclose(freq, torch.tensor([4 / 7, 3 / 7, 0, 0]), atol=0.015), freq
+    # top-k 3 drops token 3 and renormalises the rest
+    freq = draw(logits_row, 40_000, seed=2, top_k=3)
+    assert torch.allclose(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0]), atol=0.015), freq
+
+
+@pytest.mark.parametrize("temperature", [1e-8, 1e-40, 1e-45])
+def test_tiny_positive_temperature_is_near_greedy_not_nan(logits, temperature):
+    # logits / 1e-40 overflows float32 to inf; the sampler must not return garbage
+    out = Sampler()(logits, *params(len(logits), temperature=temperature), generator=gen())
+    assert torch.equal(out, logits.argmax(-1))

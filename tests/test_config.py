@@ -1,0 +1,144 @@
+"""Config (and LLM's option handling): defaults, invalid values, missing folders, unknown
+options, the pipeline fields."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from nanovllm import LLM
+from nanovllm.config import Config
+
+
+def test_defaults(tiny_model):
+    c = Config(tiny_model)
+    assert c.model == tiny_model
+    assert c.max_num_batched_tokens == 16384 and c.max_num_seqs == 512
+    assert c.max_model_len == 4096 and c.gpu_memory_utilization == 0.9
+    assert c.tensor_parallel_size == 1 and c.enforce_eager is False
+    assert c.kvcache_block_size == 256 and c.num_kvcache_blocks is None
+    assert c.enable_prefix_caching is True
+    assert (c.device, c.dtype, c.attention_backend, c.load_format) == ("auto",) * 4
+    assert c.seed == 0
+    assert c.enable_pipeline is False
+    assert c.pipeline_attention_sm_count is None and c.pipeline_ffn_sm_count is None
+    assert c.pipeline_num_microbatches == 2 and c.pipeline_enable_profiling is False
+
+
+def test_valid_non_defaults(tiny_model):
+    c = Config(
+        tiny_model, kvcache_block_size=16, num_kvcache_blocks=3, device="cpu", dtype="bfloat16",
+        attention_backend="torch", load_format="dummy", gpu_memory_utilization=1.0,
+        pipeline_attention_sm_count=16, pipeline_ffn_sm_count=116, pipeline_num_microbatches=4,
+    )
+    assert c.num_kvcache_blocks == 3 and c.pipeline_ffn_sm_count == 116
+
+
+INVALID = [
+    ("max_num_batched_tokens", 0),
+    ("max_num_batched_tokens", -1),
+    ("max_num_batched_tokens", 1.5),
+    ("max_num_batched_tokens", True),
+    ("max_num_seqs", 0),
+    ("max_num_seqs", "8"),
+    ("max_model_len", 0),
+    ("max_model_len", 1024.0),
+    ("tensor_parallel_size", 0),
+    ("gpu_memory_utilization", 0),
+    ("gpu_memory_utilization", 1.5),
+    ("gpu_memory_utilization", -0.2),
+    ("gpu_memory_utilization", math.nan),
+    ("gpu_memory_utilization", "0.9"),
+    ("kvcache_block_size", 0),
+    ("kvcache_block_size", 8),
+    ("kvcache_block_size", 24),
+    ("kvcache_block_size", 16.0),
+    ("num_kvcache_blocks", 0),
+    ("num_kvcache_blocks", -4),
+    ("device", "tpu"),
+    ("device", "cuda:0"),
+    ("dtype", "int8"),
+    ("dtype", torch.float16),
+    ("attention_backend", "xformers"),
+    ("load_format", "pt"),
+    ("pipeline_num_microbatches", 1),
+    ("pipeline_num_microbatches", 0),
+    ("pipeline_num_microbatches", 2.5),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])
+def test_invalid_value_raises_value_error_naming_field_and_value(tiny_model, field, value):
+    with pytest.raises(ValueError) as info:
+        Config(tiny_model, **{field: value})
+    msg = str(info.value)
+    assert f"Config.{field}" in msg
+    assert repr(value) in msg
+    assert ":" in msg.split(repr(value), 1)[1]  # followed by what to do instead
+
+
+@pytest.mark.parametrize(
+    "attn,ffn,bad_field,bad_value",
+    [
+        (0, 100, "pipeline_attention_sm_count", 0),
+        (16, -1, "pipeline_ffn_sm_count", -1),
+        (16.5, 100, "pipeline_attention_sm_count", 16.5),
+        (True, 100, "pipeline_attention_sm_count", True),
+    ],
+)
+def test_pipeline_sm_counts_must_be_positive_ints(tiny_model, attn, ffn, bad_field, bad_value):
+    with pytest.raises(ValueError) as info:
+        Config(tiny_model, pipeline_attention_sm_count=attn, pipeline_ffn_sm_count=ffn)
+    assert f"Config.{bad_field}={bad_value!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "attn,ffn,missing",
+    [(16, None, "pipeline_ffn_sm_count"), (None, 100, "pipeline_attention_sm_count")],
+)
+def test_pipeline_sm_counts_both_or_neither(tiny_model, attn, ffn, missing):
+    with pytest.raises(ValueError) as info:
+        Config(tiny_model, pipeline_attention_sm_count=attn, pipeline_ffn_sm_count=ffn)
+    msg = str(info.value)
+    assert f"Config.{missing}=None" in msg
+    assert "pipeline_attention_sm_count" in msg and "pipeline_ffn_sm_count" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_device_cuda_without_gpu(tiny_model):
+    with pytest.raises(ValueError, match=r"Config\.device='cuda'.*device=\"cpu\""):
+        Config(tiny_model, device="cuda")
+
+
+def test_missing_model_folder(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        Config(missing)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        LLM(missing)
+
+
+def test_model_path_that_is_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Config(str(f))
+
+
+def test_unknown_llm_options_are_named(tiny_model):
+    with pytest.raises(ValueError) as info:
+        LLM(tiny_model, max_num_seq=4, gpu_mem_util=0.5)
+    msg = str(info.value)
+    assert "gpu_mem_util" in msg and "max_num_seq'" in msg
+    assert "max_num_seqs" in msg  # the valid options are listed
+
+
+def test_llm_validates_config_before_loading(tiny_model):
+    with pytest.raises(ValueError, match=r"Config\.kvcache_block_size=10"):
+        LLM(tiny_model, kvcache_block_size=10)
+
+
+def test_field_names_cover_every_field():
+    assert Config.field_names() == {f.name for f in dataclasses.fields(Config)}
+    assert "model" in Config.field_names()
