@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
 import torch
@@ -140,17 +141,34 @@ class LLMEngine:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
+        elif isinstance(prompts, (Mapping, bytes)) or not isinstance(prompts, Iterable):
+            raise ValueError(
+                f"prompts is a {type(prompts).__name__}: give a str, a list of int token ids, "
+                "or a list of those"
+            )
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (Mapping, str, bytes)) or not isinstance(
+            sampling_params, Iterable
+        ):
+            raise ValueError(
+                f"sampling_params is a {type(sampling_params).__name__}: give one "
+                "SamplingParams, or a list with one per prompt"
+            )
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(
                 f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts: "
                 "give one SamplingParams, or one per prompt"
             )
+        for i, sp in enumerate(sampling_params):
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(
+                    f"sampling_params[{i}] is a {type(sp).__name__}: give a SamplingParams"
+                )
         # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
         encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
         bs = self.config.kvcache_block_size

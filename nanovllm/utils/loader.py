@@ -66,7 +66,13 @@ def load_model(model: nn.Module, path: str) -> None:
             f"unexpected tensors in the checkpoint at {path!r}: {sorted(unexpected)[:8]} "
             f"({len(unexpected)} in all): the checkpoint is not a Qwen3 model matching config.json"
         )
-    missing = sorted(n for n, shards in needed.items() if not shards <= loaded[n])
+    # Name missing tensors as the checkpoint would (k_proj, not our packed qkv_proj).
+    missing = []
+    for n, shards in needed.items():
+        for shard in shards - loaded[n]:
+            hf = [n.replace(t, f) for f, (t, s) in packed.items() if s == shard and f".{t}." in n]
+            missing.append(hf[0] if shard is not None and hf else n)
+    missing.sort()
     if missing:
         raise ValueError(
             f"tensors missing from the checkpoint at {path!r}: {missing[:8]} ({len(missing)} in "

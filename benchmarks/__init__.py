@@ -1,0 +1,1 @@
+"""Benchmark scripts; ``benchmarks.common`` holds the helpers they share."""

@@ -1,0 +1,114 @@
+"""Bad input through LLM.generate: a ValueError that names the index or field, the value and a
+fix; nothing is left queued, and the same engine still generates correctly afterwards."""
+
+import pytest
+
+from conftest import hf_greedy
+from nanovllm import LLM, SamplingParams
+
+BS, NUM_BLOCKS, MAX_LEN, MAX_NEW = 16, 2, 48, 6
+GOOD = [5, 17, 200, 3, 99, 42, 7, 300, 11, 64]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return LLM(
+        tiny_model, kvcache_block_size=BS, num_kvcache_blocks=NUM_BLOCKS, max_model_len=MAX_LEN
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    return hf_greedy(tiny_model, [GOOD], MAX_NEW)[0]
+
+
+def greedy():
+    return SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+def assert_clean_and_working(llm, expected):
+    s = llm.scheduler
+    assert not s.waiting and not s.running, "a rejected request left something queued"
+    assert s.block_manager.num_free_blocks == NUM_BLOCKS
+    out = llm.generate([GOOD], greedy(), use_tqdm=False)
+    assert [o["token_ids"] for o in out] == [expected]
+    assert not s.waiting and not s.running
+
+
+# (bad prompt, fragments the message must contain: index, value, fix)
+BAD_PROMPTS = {
+    "empty_list": ([], ["prompts[1]", "empty", "at least one token"]),
+    "empty_text": ("", ["prompts[1]", "empty", "at least one token"]),
+    "id_equal_to_vocab": ([1, 434, 2], ["prompts[1]", "434", "[0, 434)", "tokenizer"]),
+    "negative_id": ([1, -1], ["prompts[1]", "-1", "tokenizer"]),
+    "too_long": (
+        list(range(1, MAX_LEN + 1)),
+        ["prompts[1]", f"{MAX_LEN} tokens", f"max_model_len={MAX_LEN}", "shorten the prompt"],
+    ),
+    "more_kv_than_cache": (
+        list(range(1, 41)),  # 40 tokens + 1 generated need 3 blocks of 16; the cache has 2
+        ["prompts[1]", "3 KV blocks", f"only {NUM_BLOCKS}", "num_kvcache_blocks"],
+    ),
+    "float": (3.5, ["prompts[1]", "float", "str or a list of int"]),
+    "none": (None, ["prompts[1]", "NoneType", "str or a list of int"]),
+    "dict": ({"prompt": "hi"}, ["prompts[1]", "dict", "str or a list of int"]),
+    "mixed_list": ([1, "a"], ["prompts[1]", "str or a list of int"]),
+    "float_ids": ([1.0, 2.0], ["prompts[1]", "str or a list of int"]),
+    "bool_ids": ([True, False], ["prompts[1]", "str or a list of int"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_bad_prompt_after_a_good_one(llm, expected, case):
+    bad, fragments = BAD_PROMPTS[case]
+    with pytest.raises(ValueError) as info:
+        llm.generate([GOOD, bad], greedy(), use_tqdm=False)
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+    assert_clean_and_working(llm, expected)
+
+
+def test_longest_prompt_that_fits_generates(llm):
+    # max_model_len - 1 tokens leave room for exactly one new token
+    prompt = list(range(1, 32))  # 31 tokens + 1 = 2 blocks: fits the 2-block cache too
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert len(out["token_ids"]) >= 1 and out["finish_reason"] in ("length", "stop")
+    assert not llm.scheduler.waiting and not llm.scheduler.running
+
+
+@pytest.mark.parametrize("bad", [42, 3.5, None, {"prompt_token_ids": [1, 2]}])
+def test_top_level_prompts_of_the_wrong_type(llm, expected, bad):
+    with pytest.raises(ValueError) as info:
+        llm.generate(bad, greedy(), use_tqdm=False)
+    msg = str(info.value)
+    assert "prompts" in msg and type(bad).__name__ in msg and "str" in msg
+    assert_clean_and_working(llm, expected)
+
+
+@pytest.mark.parametrize("num_params", [0, 1, 3])
+def test_sampling_params_length_mismatch(llm, expected, num_params):
+    params = [greedy()] * num_params
+    with pytest.raises(ValueError) as info:
+        llm.generate([GOOD, GOOD], params, use_tqdm=False)
+    msg = str(info.value)
+    assert f"sampling_params has {num_params} entries for 2 prompts" in msg
+    assert "one per prompt" in msg
+    assert_clean_and_working(llm, expected)
+
+
+@pytest.mark.parametrize("bad", [None, {"temperature": 0}, 0.5])
+def test_sampling_params_entry_of_the_wrong_type(llm, expected, bad):
+    with pytest.raises(ValueError) as info:
+        llm.generate([GOOD, GOOD], [greedy(), bad], use_tqdm=False)
+    msg = str(info.value)
+    assert "sampling_params[1]" in msg and type(bad).__name__ in msg
+    assert "SamplingParams" in msg
+    assert_clean_and_working(llm, expected)
+
+
+def test_single_prompt_forms(llm, expected):
+    # one list of ids, and a one-element list of lists, give the same single output
+    assert [o["token_ids"] for o in llm.generate(GOOD, greedy(), use_tqdm=False)] == [expected]
+    assert [o["token_ids"] for o in llm.generate((GOOD,), greedy(), use_tqdm=False)] == [expected]
+    assert llm.generate([], greedy(), use_tqdm=False) == []
