@@ -83,6 +83,16 @@ class Config:
                 f"Config.{missing}=None while the other SM count is set: give both "
                 "pipeline_attention_sm_count and pipeline_ffn_sm_count, or neither (automatic)"
             )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            bad("seed", "use an integer")
+        for name in (
+            "enforce_eager",
+            "enable_prefix_caching",
+            "enable_pipeline",
+            "pipeline_enable_profiling",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "use True or False")
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:
             bad("pipeline_num_microbatches", "use 2 or more (the pipeline overlaps micro-batches)")

@@ -28,9 +28,17 @@ def test_defaults(tiny_model):
 
 def test_valid_non_defaults(tiny_model):
     c = Config(
-        tiny_model, kvcache_block_size=16, num_kvcache_blocks=3, device="cpu", dtype="bfloat16",
-        attention_backend="torch", load_format="dummy", gpu_memory_utilization=1.0,
-        pipeline_attention_sm_count=16, pipeline_ffn_sm_count=116, pipeline_num_microbatches=4,
+        tiny_model,
+        kvcache_block_size=16,
+        num_kvcache_blocks=3,
+        device="cpu",
+        dtype="bfloat16",
+        attention_backend="torch",
+        load_format="dummy",
+        gpu_memory_utilization=1.0,
+        pipeline_attention_sm_count=16,
+        pipeline_ffn_sm_count=116,
+        pipeline_num_microbatches=4,
     )
     assert c.num_kvcache_blocks == 3 and c.pipeline_ffn_sm_count == 116
 
@@ -62,6 +70,12 @@ INVALID = [
     ("dtype", torch.float16),
     ("attention_backend", "xformers"),
     ("load_format", "pt"),
+    ("seed", "0"),
+    ("seed", 1.5),
+    ("enforce_eager", "no"),
+    ("enable_prefix_caching", None),
+    ("enable_pipeline", 1),
+    ("pipeline_enable_profiling", "yes"),
     ("pipeline_num_microbatches", 1),
     ("pipeline_num_microbatches", 0),
     ("pipeline_num_microbatches", 2.5),

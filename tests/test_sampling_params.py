@@ -25,7 +25,11 @@ def test_temperature_zero_is_allowed_and_ints_are_coerced():
 
 def test_valid_values():
     sp = SamplingParams(
-        temperature=0.7, top_k=50, top_p=0.9, max_tokens=1, ignore_eos=True,
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        max_tokens=1,
+        ignore_eos=True,
         stop_token_ids=(3, 5),
     )
     assert sp.stop_token_ids == [3, 5]  # a tuple is accepted and stored as a list

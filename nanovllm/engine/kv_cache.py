@@ -12,6 +12,7 @@ from nanovllm.layers.attention import Attention
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 256 << 20  # the bounded default on CPU
+GRAPH_AND_WORKSPACE_HEADROOM = 2 << 30
 
 
 def block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -21,28 +22,31 @@ def block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * dtype.itemsize
 
 
-def gpu_kv_budget(device: torch.device, utilization: float, baseline_used: int) -> int:
-    """Bytes free for the KV cache on this GPU.
+def gpu_kv_budget(device: torch.device, utilization: float, baseline_reserved: int) -> int:
+    """Bytes this engine may give its KV cache.
 
-    ``baseline_used`` is what other processes (and the CUDA context) held before this engine
-    allocated anything; it is counted as unavailable. This process's own peak (weights plus the
-    warm-up's activations) comes from the caching allocator, not from device-wide usage, so
-    neighbours that grow later cannot drive the count negative in hidden ways.
+    The engine's own share is ``utilization`` of the card minus its own peak (weights plus the
+    warm-up's activations; earlier engines of this process, ``baseline_reserved``, are not
+    ours). It never exceeds what is actually free now, keeping room for the activation peak:
+    memory held by other processes counts as unavailable.
     """
-    total = torch.cuda.mem_get_info(device)[1]
+    free, total = torch.cuda.mem_get_info(device)
     peak = torch.cuda.max_memory_reserved(device)
-    return int(total * utilization) - baseline_used - peak
+    own_peak = peak - baseline_reserved
+    activations = peak - torch.cuda.memory_reserved(device)
+    headroom = GRAPH_AND_WORKSPACE_HEADROOM  # CUDA graphs and library workspaces come later
+    return min(int(total * utilization) - own_peak, free - activations - headroom)
 
 
 def num_blocks_for(
-    config, model: nn.Module, dtype: torch.dtype, device: torch.device, baseline_used: int
+    config, model: nn.Module, dtype: torch.dtype, device: torch.device, baseline_reserved: int
 ) -> int:
     per_block = block_bytes(model, config.kvcache_block_size, dtype)
     if config.num_kvcache_blocks is not None:
         num_blocks = config.num_kvcache_blocks
         how = "set by num_kvcache_blocks"
     elif device.type == "cuda":
-        budget = gpu_kv_budget(device, config.gpu_memory_utilization, baseline_used)
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, baseline_reserved)
         num_blocks = budget // per_block
         how = f"from gpu_memory_utilization={config.gpu_memory_utilization}"
         if num_blocks < 1:

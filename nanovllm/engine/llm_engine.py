@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 
@@ -64,12 +64,14 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=self.runtime.eos_token_ids,
         )
-        atexit.register(self.exit)
+        # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, self.model_runner.close)
 
     def exit(self) -> None:
-        runner = getattr(self, "model_runner", None)
-        if runner is not None:
-            runner.close()
+        """Free the GPU memory and green contexts now."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
 
     # ----------------------------------------------------------------- requests
     def _encode(self, index: int, prompt: Prompt) -> list[int]:

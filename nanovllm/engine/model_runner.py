@@ -42,11 +42,10 @@ class ModelRunner:
         self.device, self.dtype = runtime.device, runtime.dtype
         self.block_size = config.kvcache_block_size
         hf = runtime.hf_config
-        baseline_used = 0
+        baseline_reserved = 0
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            free, total = torch.cuda.mem_get_info(self.device)
-            baseline_used = total - free  # other processes and this CUDA context
+            baseline_reserved = torch.cuda.memory_reserved(self.device)  # earlier engines
             torch.cuda.reset_peak_memory_stats(self.device)
         with _default_dtype(self.dtype), self.device:
             self.model = Qwen3ForCausalLM(hf)
@@ -66,7 +65,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._warmup()
         runtime.num_kvcache_blocks = num_blocks_for(
-            config, self.model, self.dtype, self.device, baseline_used
+            config, self.model, self.dtype, self.device, baseline_reserved
         )
         self.kv_cache = allocate_kv_cache(
             self.model, runtime.num_kvcache_blocks, self.block_size, self.dtype, self.device
@@ -155,5 +154,17 @@ class ModelRunner:
         self.pipeline.print_statistics()
 
     def close(self) -> None:
+        """Release the partitions, graphs, KV cache and weights (the runner is unusable after)."""
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.graph_runner is not None:
+            self.graph_runner.reset()
+        self.graph_runner = self.decode_buffers = None
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.k_cache = module.v_cache = torch.tensor([])
+        self.kv_cache = None
+        self.model = self.model.to("meta")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()

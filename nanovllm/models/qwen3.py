@@ -7,7 +7,8 @@ scheduler drives on separate streams:
   attention, o_proj;
 - ``forward_ffn(l, ...)``: post-attention RMSNorm (+ residual add), gate/up, SiLU-and-mul, down.
 
-``forward()`` is exactly the composition of the stages, so both paths give identical results.
+``forward()`` is exactly the composition of the stages: over the same rows both give bitwise
+identical results (micro-batches change GEMM row counts, hence rounding, not the math).
 """
 
 from __future__ import annotations

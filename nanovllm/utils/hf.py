@@ -34,6 +34,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         logger.info("device: %s (automatic)", device)
+    if device == "cuda":  # an explicit index: set_device and memory queries need one
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 

@@ -1,0 +1,263 @@
+"""Offline throughput, nano-vllm's bench.py workload.
+
+``--num-seqs`` requests (256; 1024 for ``--shape 8b``) of random token ids, input and output
+lengths uniform in [100, 1024], seed 0 (the same draws as nano-vllm's bench.py: 133,966 output
+tokens for 256 requests, 583,802 for 1024), temperature 0.6, ``ignore_eos``. The model is a
+random-weight Qwen3 at the real shape (``load_format="dummy"``) or ``--model PATH``. After a
+warm-up ``generate``, the whole ``generate`` is timed; throughput counts output tokens.
+
+    python bench.py                                  # Qwen3-0.6B shape, 256 requests
+    python bench.py --shape 8b --compare-pipeline    # sequential, then pipelined, and the ratio
+    python bench.py --hf-baseline 32 --json benchmarks/results/bench_0.6b_h100.json
+    python bench.py --quick --device cpu --hf-baseline 2    # control-flow smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from random import randint, seed
+
+import torch
+
+from benchmarks.common import (
+    SHAPES,
+    add_common_args,
+    build_engine,
+    environment,
+    free_memory,
+    model_path,
+    release_engine,
+    resolve_device,
+    write_json,
+)
+from nanovllm import SamplingParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", choices=SHAPES, help="random-weight model shape (default 0.6b)")
+    p.add_argument("--model", help="a Qwen3 checkpoint folder instead of --shape")
+    p.add_argument("--load-format", choices=("auto", "dummy"), help="default: dummy for --shape")
+    p.add_argument("--num-seqs", type=int, help="requests (default 256; 1024 for --shape 8b)")
+    p.add_argument("--min-input-len", type=int, default=100)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--min-output-len", type=int, default=100)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--pipeline", action="store_true", help="enable_pipeline=True")
+    p.add_argument("--compare-pipeline", action="store_true", help="sequential, then pipelined")
+    p.add_argument("--attention-sms", type=int, help="pipeline_attention_sm_count")
+    p.add_argument("--ffn-sms", type=int, help="pipeline_ffn_sm_count")
+    p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
+    p.add_argument(
+        "--hf-baseline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run transformers' generate on the first N requests (same weights, batched, "
+        "left-padded, every request to the slice's longest output), and nanovllm on the same",
+    )
+    add_common_args(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shape = args.shape or "tiny"
+        args.num_seqs = args.num_seqs or 8
+        args.min_input_len, args.max_input_len = 16, 64
+        args.min_output_len, args.max_output_len = 8, 32
+    args.shape = args.shape or "0.6b"
+    args.num_seqs = args.num_seqs or (1024 if args.shape == "8b" and not args.model else 256)
+    args.load_format = args.load_format or ("auto" if args.model else "dummy")
+    return args
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """nano-vllm's draws, in its order: all prompts, then all output lengths."""
+    seed(0)
+    top = min(10000, vocab - 1)
+    n, lo_in, hi_in = args.num_seqs, args.min_input_len, args.max_input_len
+    prompts = [[randint(0, top) for _ in range(randint(lo_in, hi_in))] for _ in range(n)]
+    lens = [randint(args.min_output_len, args.max_output_len) for _ in range(n)]
+    return prompts, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=t) for t in lens]
+
+
+def timed_generate(llm, prompts, params, device) -> tuple[float, int]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, sum(len(o["token_ids"]) for o in outs)
+
+
+def report(label: str, tokens: int, seconds: float) -> float:
+    tps = tokens / seconds
+    print(f"[{label}] Total: {tokens}tok, Time: {seconds:.2f}s, Throughput: {tps:.2f}tok/s")
+    return tps
+
+
+def run_variant(args, path: str, device, pipelined: bool, prompts, params):
+    """Build an engine, warm up, time the workload; returns (result, engine)."""
+    label = "pipelined" if pipelined else "sequential"
+    t0 = time.perf_counter()
+    options = dict(
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+    )
+    if pipelined:
+        options.update(
+            enable_pipeline=True,
+            pipeline_attention_sm_count=args.attention_sms,
+            pipeline_ffn_sm_count=args.ffn_sms,
+            pipeline_num_microbatches=args.microbatches,
+        )
+    llm = build_engine(path, device, args.load_format == "dummy", **options)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    startup = time.perf_counter() - t0
+    seconds, tokens = timed_generate(llm, prompts, params, device)
+    expected = sum(sp.max_tokens for sp in params)
+    if tokens != expected:
+        print(f"warning: {tokens} output tokens, {expected} requested")
+    result = dict(variant=label, tokens=tokens, seconds=seconds, startup_s=startup)
+    result["throughput_tok_s"] = report(label, tokens, seconds)
+    result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
+    result["attention_backend"] = llm.runtime.attention_backend
+    result["cuda_graphs"] = llm.runtime.cuda_graphs
+    if pipelined:
+        result["pipeline"] = llm.model_runner.get_pipeline_statistics()
+        llm.model_runner.print_pipeline_statistics()
+    return result, llm
+
+
+def hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face names: packed q/k/v and gate/up split back (views)."""
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p = p.detach()
+        if ".qkv_proj." in name:
+            for part, t in zip(("q_proj", "k_proj", "v_proj"), p.split(sizes)):
+                state[name.replace("qkv_proj", part)] = t
+        elif ".gate_up_proj." in name:
+            for part, t in zip(("gate_proj", "up_proj"), p.chunk(2)):
+                state[name.replace("gate_up_proj", part)] = t
+        else:
+            state[name] = p
+    return state
+
+
+def build_hf_model(hf_config, state: dict, dtype: torch.dtype, device):
+    from transformers import Qwen3ForCausalLM as HFQwen3
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = HFQwen3(hf_config)
+    finally:
+        torch.set_default_dtype(old)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"HF weight mapping: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.to(dtype).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], max_new: int, pad: int, device) -> float:
+    """Seconds for one batched, left-padded ``generate`` of exactly ``max_new`` tokens each."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    gen = dict(do_sample=True, temperature=0.6, top_k=0, top_p=1.0, pad_token_id=pad)
+    warm = GenerationConfig(max_new_tokens=4, min_new_tokens=4, **gen)
+    model.generate(input_ids=ids[:1], attention_mask=mask[:1], generation_config=warm)
+    full = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new, **gen)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=full)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] - width == max_new, (out.shape, width, max_new)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    device = resolve_device(args.device)
+    env = environment(device)
+    path = args.model or model_path(args.shape)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    prompts, params = workload(args, hf_config.vocab_size)
+    print(
+        f"card: {env['card']}; model: {args.model or args.shape} ({args.load_format}); "
+        f"{len(prompts)} requests, {sum(map(len, prompts))} input tokens, "
+        f"{sum(sp.max_tokens for sp in params)} output tokens"
+    )
+    variants = [False, True] if args.compare_pipeline else [args.pipeline]
+    results, llm = [], None
+    for pipelined in variants:
+        if llm is not None:
+            release_engine(llm)
+            llm = None
+            free_memory()
+        result, llm = run_variant(args, path, device, pipelined, prompts, params)
+        results.append(result)
+    payload = {"script": "bench.py", "environment": env, "args": vars(args), "results": results}
+    if args.compare_pipeline:
+        ratio = results[1]["throughput_tok_s"] / results[0]["throughput_tok_s"]
+        payload["pipelined_over_sequential"] = ratio
+        print(f"pipelined / sequential throughput: {ratio:.3f}")
+    if args.hf_baseline:
+        n = min(args.hf_baseline, len(prompts))
+        max_new = max(sp.max_tokens for sp in params[:n])
+        same = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_new)
+        ours_s, ours_tokens = timed_generate(llm, prompts[:n], [same] * n, device)
+        ours = report(f"nanovllm {results[-1]['variant']}, {n} requests", ours_tokens, ours_s)
+        state, dtype = hf_state_dict(llm.model_runner.model, hf_config), llm.runtime.dtype
+        release_engine(llm)
+        llm = None
+        free_memory()
+        model = build_hf_model(hf_config, state, dtype, device)
+        del state
+        free_memory()
+        pad = getattr(hf_config, "pad_token_id", None) or getattr(hf_config, "eos_token_id", 0)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+        hf_s = hf_generate(model, prompts[:n], max_new, pad, device)
+        hf = report(f"transformers generate, {n} requests", n * max_new, hf_s)
+        payload["hf_baseline"] = dict(
+            num_requests=n, max_new_tokens=max_new, tokens=n * max_new, seconds=hf_s,
+            throughput_tok_s=hf, nanovllm_seconds=ours_s, nanovllm_throughput_tok_s=ours,
+            nanovllm_over_hf_same_slice=ours / hf,
+            nanovllm_full_workload_over_hf=results[-1]["throughput_tok_s"] / hf,
+        )  # fmt: skip
+        print(
+            f"nanovllm / transformers, same {n} requests: {ours / hf:.2f}x; "
+            f"full workload / transformers: {results[-1]['throughput_tok_s'] / hf:.2f}x"
+        )
+        del model
+    if llm is not None:
+        release_engine(llm)
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

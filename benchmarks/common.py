@@ -1,0 +1,370 @@
+"""Helpers shared by the benchmarks (``bench.py``, ``bench_pipeline.py``, ``benchmarks/*.py``).
+
+- random-weight Qwen3 folders at the real shapes (config + tokenizer; ``load_format="dummy"``),
+- engines and how to free one completely,
+- synthetic decode inputs (fake sequences whose block tables cover ``ctx`` tokens),
+- timing (CUDA events, interleaved variants, medians),
+- the card's copy bandwidth and bf16 matmul peak, measured in the same run,
+- the bytes/flops model of one decode step and its ``max(bytes / bw, flops / peak)`` floor.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = ("tiny", "0.6b", "8b")
+
+
+# ----------------------------------------------------------------------------- setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
+    return torch.device(name)
+
+
+def model_path(shape: str, root: str | None = None) -> str:
+    """A random-weight Qwen3 folder at ``shape`` (config + tokenizer, no weights), cached."""
+    from nanovllm.utils.default_model import make_random_qwen3
+
+    root = (
+        root
+        or os.environ.get("NANOVLLM_BENCH_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm", "bench")
+    )
+    path = os.path.join(root, f"qwen3-{shape}-dummy")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        make_random_qwen3(tmp, shape, write_weights=False, dtype=torch.bfloat16)
+        os.replace(tmp, path)
+    return path
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--quick", action="store_true", help="smoke mode: tiny shape, tiny workload")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--json", metavar="OUT", help="write the results (and the command) here")
+    p.add_argument("--verbose", action="store_true", help="engine INFO logs")
+
+
+def environment(device: torch.device) -> dict:
+    """The card, the software versions and the exact command line."""
+
+    def version(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except Exception:
+            return None
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except OSError:
+            return None
+
+    info = {
+        "argv": list(sys.argv),
+        "command": shlex.join(["python", *sys.argv]),
+        "cwd": os.getcwd(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "device": str(device),
+        "card": platform.processor() or "cpu",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            card=props.name,
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+        )
+    return info
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- engines
+def build_engine(path: str, device: torch.device, dummy: bool = True, **options):
+    from nanovllm import LLM
+
+    return LLM(path, load_format="dummy" if dummy else "auto", device=device.type, **options)
+
+
+def release_engine(llm) -> None:
+    """Close ``llm`` and drop the reference its ``atexit`` hook holds (without this, ``del llm``
+    frees nothing). The caller then drops its own references and calls ``free_memory()``."""
+    llm.exit()
+    atexit.unregister(llm.exit)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def only_graph_buckets(sizes: Sequence[int]) -> Iterator[None]:
+    """Engines built inside capture decode graphs only for ``sizes`` (the batches timed), not
+    every bucket up to ``max_num_seqs``: capture time would dominate the start-up of 8B."""
+    from nanovllm.engine import cuda_graph
+
+    original = cuda_graph.graph_buckets
+    cuda_graph.graph_buckets = lambda n: sorted({s for s in sizes if s <= n} | {n})
+    try:
+        yield
+    finally:
+        cuda_graph.graph_buckets = original
+
+
+def fill_kv_random(runner, seed: int = 0) -> None:
+    """Random K/V values instead of zeros (timing should not depend on it; realism is cheap)."""
+    cache = getattr(runner, "kv_cache", None)
+    if cache is not None:
+        cache.normal_(generator=torch.Generator(cache.device).manual_seed(seed))
+
+
+def synthetic_decode_inputs(
+    batch: int, ctx: int, block_size: int, num_blocks: int, vocab: int, device, seed: int = 0
+):
+    """Decode ``ModelInputs`` for ``batch`` sequences of ``ctx`` tokens (the new one included),
+    each on its own shuffled KV blocks."""
+    from nanovllm.attention.metadata import AttentionMetadata
+    from nanovllm.engine.model_inputs import ModelInputs
+
+    per_seq = math.ceil(ctx / block_size)
+    if batch * per_seq > num_blocks:
+        raise ValueError(f"batch {batch} x ctx {ctx} needs {batch * per_seq} > {num_blocks} blocks")
+    gen = torch.Generator().manual_seed(seed)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * per_seq].view(batch, per_seq)
+    pos = ctx - 1
+    slots = tables[:, pos // block_size] * block_size + pos % block_size
+
+    def dev(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).to(device)
+
+    meta = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=dev(slots, torch.int32),
+        context_lens=dev(torch.full((batch,), ctx), torch.int32),
+        block_tables=dev(tables, torch.int32),
+    )
+    return ModelInputs(
+        input_ids=dev(torch.randint(0, vocab, (batch,), generator=gen), torch.int64),
+        positions=dev(torch.full((batch,), pos), torch.int64),
+        meta=meta,
+        logits_indices=dev(torch.arange(batch), torch.int64),
+        sampling_rows=list(range(batch)),
+    )
+
+
+def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], object]:
+    """One decode step as the engine runs it: CUDA-graph replay (inputs copied into the static
+    buffers, then the graph), or the eager forward where there are no graphs."""
+    if pipelined:
+        pipe = runner.pipeline
+        if pipe.graph_runner is not None:
+            return lambda: pipe.graph_runner.run(inputs)
+        return lambda: pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
+    if runner.graph_runner is not None:
+        return lambda: runner.graph_runner.run(inputs)
+    return lambda: runner.model(inputs.input_ids, inputs.positions, inputs.meta)
+
+
+# ----------------------------------------------------------------------------- timing
+def time_fns(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median milliseconds of each function. Variants are interleaved (every rep times each
+    once, in turn) so that they see the same clocks and temperature."""
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                stop = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times[name].append(start.elapsed_time(stop))
+            else:
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _copy_ms(device: torch.device, nbytes: int, reps: int) -> float:
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return time_fns({"copy": x.clone}, reps, 3, device)["copy"]
+
+
+def _matmul_ms(device: torch.device, n: int, dtype: torch.dtype, reps: int) -> float:
+    a, b, c = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(3))
+    return time_fns({"mm": lambda: torch.mm(a, b, out=c)}, reps, 3, device)["mm"]
+
+
+def measure_card(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict:
+    """Copy bandwidth (clone of a 1 GiB tensor: read + written bytes / time) and dense matmul
+    peak (an n^3 matmul in ``dtype``, n = 8192), medians of 20 runs each."""
+    nbytes, n, reps = ((64 << 20), 512, 5) if quick else ((1 << 30), 8192, 20)
+    copy_ms, mm_ms = _copy_ms(device, nbytes, reps), _matmul_ms(device, n, dtype, reps)
+    free_memory()
+    return {
+        "copy_bytes": 2 * nbytes,
+        "copy_ms": copy_ms,
+        "copy_gbs": 2 * nbytes / (copy_ms * 1e-3) / 1e9,
+        "matmul_n": n,
+        "matmul_dtype": str(dtype),
+        "matmul_ms": mm_ms,
+        "peak_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+    }
+
+
+# ----------------------------------------------------------------------------- cost model
+@dataclass
+class ModelCost:
+    """What one decode step must read and compute. Weights: every decoder-layer parameter once
+    (the embedding contributes only the batch's rows; lm_head is outside the step, since logits
+    are computed after it). KV: ``2 * layers * kv_heads * head_dim * ctx * batch * itemsize``.
+    Flops: ``2 * matmul params * batch`` + attention ``4 * layers * heads * head_dim * ctx *
+    batch``. Activations are not counted, so the floor is a lower bound."""
+
+    total_params: int
+    layer_params: int
+    matmul_params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    @classmethod
+    def from_config(cls, hf_config, itemsize: int) -> ModelCost:
+        from nanovllm.models.qwen3 import Qwen3ForCausalLM
+
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(hf_config)
+        step = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if "embed_tokens" not in n and "lm_head" not in n
+        ]
+        attn = model.model.layers[0].self_attn
+        return cls(
+            total_params=sum(p.numel() for p in model.parameters()),
+            layer_params=sum(p.numel() for _, p in step),
+            matmul_params=sum(p.numel() for _, p in step if p.dim() == 2),
+            hidden=hf_config.hidden_size,
+            layers=hf_config.num_hidden_layers,
+            heads=attn.num_heads,
+            kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            itemsize=itemsize,
+        )
+
+    def kv_bytes(self, batch: int, ctx: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * ctx * batch * self.itemsize
+
+    def step_bytes(self, batch: int, ctx: int, weight_reads: int = 1) -> int:
+        weights = self.layer_params * self.itemsize * weight_reads
+        return weights + batch * self.hidden * self.itemsize + self.kv_bytes(batch, ctx)
+
+    def step_flops(self, batch: int, ctx: int) -> int:
+        attention = 4 * self.layers * self.heads * self.head_dim * ctx * batch
+        return 2 * self.matmul_params * batch + attention
+
+    def floor(self, batch: int, ctx: int, card: dict, weight_reads: int = 1) -> tuple[float, str]:
+        """(floor ms, "memory" or "compute"): max(bytes / copy bandwidth, flops / peak)."""
+        mem = self.step_bytes(batch, ctx, weight_reads) / (card["copy_gbs"] * 1e9) * 1e3
+        comp = self.step_flops(batch, ctx) / (card["peak_tflops"] * 1e12) * 1e3
+        return (mem, "memory") if mem >= comp else (comp, "compute")
+
+    def block_bytes(self, block_size: int) -> int:
+        return self.kv_bytes(1, block_size)
+
+
+def blocks_needed(batch: int, ctx: int, block_size: int) -> int:
+    return batch * math.ceil(ctx / block_size)
+
+
+def kv_blocks_that_fit(
+    cost: ModelCost, block_size: int, device: torch.device, utilization: float, reserve_gib: float
+) -> int | None:
+    """KV blocks that fit next to the weights and ``reserve_gib`` (activations, graphs) within
+    ``utilization`` of the card; None (no limit applied) off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * utilization - (total - free) - cost.total_params * cost.itemsize
+    budget -= reserve_gib * 2**30
+    return max(0, int(budget // cost.block_bytes(block_size)))
+
+
+def split_fitting(
+    combos: Sequence[tuple[int, int]], block_size: int, limit: int | None
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(fitting, skipped) (batch, ctx) combos under a KV block ``limit`` (None: all fit)."""
+    fit = [c for c in combos if limit is None or blocks_needed(*c, block_size) <= limit]
+    return fit, [c for c in combos if c not in fit]
+
+
+# ----------------------------------------------------------------------------- output
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec); missing values print as '-'. Columns are at least
+    8 wide, so that a header printed alone lines up with rows printed one at a time."""
+
+    def cell(row: dict, key: str, spec: str) -> str:
+        v = row.get(key)
+        return "-" if v is None else format(v, spec)
+
+    body = [[cell(r, k, s) for k, _, s in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    widths = [max(8, len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Decode-step microbenchmark: the CUDA-graph decode step against its physical floor.
+
+For each shape, batch and context, an engine (random weights, ``load_format="dummy"``) replays
+its decode graph on synthetic sequences of ``ctx`` tokens (``runner.graph_runner.run(inputs)``;
+CUDA events, median of ``--reps`` after warm-up). Each step is compared with the floor
+``max(bytes / bandwidth, flops / peak)``, where bandwidth is a 1 GiB device-to-device clone and
+peak an 8192^3 bf16 matmul, both measured in the same run; bytes are the decoder weights once
+(lm_head excluded: logits are computed outside the graph) plus the KV cache the batch reads.
+Combinations whose KV cache does not fit in memory are skipped and listed.
+
+    python benchmarks/decode_step.py --json benchmarks/results/decode_step_h100.json
+    python benchmarks/decode_step.py --shape 8b --batches 64 256 --ctxs 1024 4096
+    python benchmarks/decode_step.py --quick --device cpu        # control-flow smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    SHAPES,
+    ModelCost,
+    add_common_args,
+    blocks_needed,
+    build_engine,
+    decode_step_fn,
+    environment,
+    fill_kv_random,
+    format_table,
+    free_memory,
+    kv_blocks_that_fit,
+    measure_card,
+    model_path,
+    only_graph_buckets,
+    release_engine,
+    resolve_device,
+    split_fitting,
+    synthetic_decode_inputs,
+    time_fns,
+    write_json,
+)
+
+COLUMNS = [
+    ("shape", "shape", ""),
+    ("batch", "batch", "d"),
+    ("ctx", "ctx", "d"),
+    ("ms", "step ms", ".3f"),
+    ("gbytes", "GB", ".2f"),
+    ("gbs", "GB/s", ".0f"),
+    ("bw_frac", "of copy bw", ".2f"),
+    ("tflops", "TFLOP/s", ".1f"),
+    ("floor_ms", "floor ms", ".3f"),
+    ("bound", "bound", ""),
+    ("floor_frac", "floor/step", ".2f"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", nargs="+", choices=SHAPES, help="default: 0.6b 8b (quick: tiny)")
+    p.add_argument("--model", help="a checkpoint folder instead of --shape (weights loaded)")
+    p.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64 128 256 512")
+    p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 2048")
+    p.add_argument("--reps", type=int, help="timed steps per point, median (default 30)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept off the KV cache")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    q = args.quick
+    args.shape = args.shape or (["tiny"] if q else ["0.6b", "8b"])
+    args.batches = args.batches or ([1, 4] if q else [1, 8, 32, 64, 128, 256, 512])
+    args.ctxs = args.ctxs or ([64, 300] if q else [512, 2048])
+    args.reps = args.reps or (3 if q else 30)
+    return args
+
+
+def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> dict:
+    from transformers import AutoConfig
+
+    from nanovllm.utils.hf import resolve_dtype
+
+    hf = AutoConfig.from_pretrained(path)
+    dtype = resolve_dtype("auto", hf, device)
+    cost = ModelCost.from_config(hf, dtype.itemsize)
+    block_size = 256
+    combos = [(b, c) for c in args.ctxs for b in args.batches]
+    limit = kv_blocks_that_fit(
+        cost, block_size, device, args.gpu_memory_utilization, args.reserve_gib
+    )
+    fit, skipped = split_fitting(combos, block_size, limit)
+    for b, c in skipped:
+        print(
+            f"skip {name} batch {b} ctx {c}: needs {blocks_needed(b, c, block_size)} KV "
+            f"blocks, {limit} fit"
+        )
+    out = {"shape": name, "dtype": str(dtype), "skipped": skipped, "rows": []}
+    if not fit:
+        return out
+    num_blocks = max(blocks_needed(b, c, block_size) for b, c in fit)
+    batches = sorted({b for b, _ in fit})
+    with only_graph_buckets(batches):
+        llm = build_engine(
+            path,
+            device,
+            dummy,
+            max_num_seqs=max(batches),
+            max_model_len=max(c for _, c in fit) + block_size,
+            kvcache_block_size=block_size,
+            num_kvcache_blocks=num_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+        )
+    runner = llm.model_runner
+    fill_kv_random(runner)
+    out["mode"] = "cuda graph" if runner.graph_runner is not None else "eager"
+    out["attention_backend"] = llm.runtime.attention_backend
+    print(f"{name}: {out['mode']}, attention {out['attention_backend']}, {num_blocks} KV blocks")
+    with torch.inference_mode():
+        for b, c in fit:
+            inputs = synthetic_decode_inputs(b, c, block_size, num_blocks, hf.vocab_size, device)
+            ms = time_fns({"step": decode_step_fn(runner, inputs)}, args.reps, args.warmup, device)
+            ms = ms["step"]
+            nbytes, flops = cost.step_bytes(b, c), cost.step_flops(b, c)
+            floor_ms, bound = cost.floor(b, c, card)
+            row = dict(shape=name, batch=b, ctx=c, ms=ms, bytes=nbytes, flops=flops)
+            row.update(
+                gbytes=nbytes / 1e9,
+                gbs=nbytes / (ms * 1e-3) / 1e9,
+                tflops=flops / (ms * 1e-3) / 1e12,
+                floor_ms=floor_ms,
+                bound=bound,
+                floor_frac=floor_ms / ms,
+            )
+            row["bw_frac"] = row["gbs"] / card["copy_gbs"]
+            out["rows"].append(row)
+            print(format_table([row], COLUMNS).splitlines()[1], flush=True)
+    release_engine(llm)
+    del llm, runner
+    free_memory()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    device = resolve_device(args.device)
+    env = environment(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = measure_card(device, dtype, args.quick)
+    print(
+        f"card: {env['card']}  copy {card['copy_gbs']:.0f} GB/s  "
+        f"{card['matmul_dtype']} matmul {card['peak_tflops']:.1f} TFLOP/s"
+    )
+    models = (
+        [(os.path.basename(os.path.normpath(args.model)), args.model, False)]
+        if args.model
+        else [(s, model_path(s), True) for s in args.shape]
+    )
+    print(format_table([], COLUMNS))
+    results = [bench_model(args, name, path, dummy, device, card) for name, path, dummy in models]
+    print()
+    print(format_table([r for m in results for r in m["rows"]], COLUMNS))
+    payload = {
+        "script": "benchmarks/decode_step.py",
+        "environment": env,
+        "args": vars(args),
+        "card": card,
+        "models": results,
+    }
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
