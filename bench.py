@@ -169,15 +169,39 @@ def build_hf_model(hf_config, state: dict, dtype: torch.dtype, device):
     return model.to(dtype).eval()
 
 
+def nanovllm_slice(llm, args, prompts, params, device) -> dict:
+    """nanovllm on the first N requests, every one to the slice's longest output (as HF runs)."""
+    n = min(args.hf_baseline, len(prompts))
+    max_new = max(sp.max_tokens for sp in params[:n])
+    same = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_new)
+    seconds, tokens = timed_generate(llm, prompts[:n], [same] * n, device)
+    tps = report(f"nanovllm, first {n} requests, {max_new} tokens each", tokens, seconds)
+    return dict(
+        num_requests=n,
+        max_new_tokens=max_new,
+        dtype=str(llm.runtime.dtype),
+        nanovllm_seconds=seconds,
+        nanovllm_throughput_tok_s=tps,
+    )
+
+
 @torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], max_new: int, pad: int, device) -> float:
-    """Seconds for one batched, left-padded ``generate`` of exactly ``max_new`` tokens each."""
+def hf_baseline(hf_config, state: dict, prompts, slice_info: dict, device) -> dict:
+    """transformers' ``generate`` on the same requests: one batch, left-padded, sampling at
+    temperature 0.6, exactly ``max_new_tokens`` each. Consumes (clears) ``state``."""
     from transformers import GenerationConfig
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    dtype = getattr(torch, slice_info["dtype"].removeprefix("torch."))
+    model = build_hf_model(hf_config, state, dtype, device)
+    state.clear()  # drop our engine's weights
+    free_memory()
+    n, max_new = slice_info["num_requests"], slice_info["max_new_tokens"]
+    pad = getattr(hf_config, "pad_token_id", None) or getattr(hf_config, "eos_token_id", 0)
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    width = max(len(p) for p in prompts[:n])
+    ids = torch.full((n, width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts[:n]):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
@@ -192,8 +216,17 @@ def hf_generate(model, prompts: list[list[int]], max_new: int, pad: int, device)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=full)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    assert out.shape[1] - width == max_new, (out.shape, width, max_new)
-    return time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    tokens = (out.shape[1] - width) * n
+    tps = report(f"transformers generate, first {n} requests, batched", tokens, seconds)
+    del model, out
+    free_memory()
+    return dict(
+        tokens=tokens,
+        seconds=seconds,
+        throughput_tok_s=tps,
+        nanovllm_over_hf_same_slice=slice_info["nanovllm_throughput_tok_s"] / tps,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -225,36 +258,24 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = results[1]["throughput_tok_s"] / results[0]["throughput_tok_s"]
         payload["pipelined_over_sequential"] = ratio
         print(f"pipelined / sequential throughput: {ratio:.3f}")
+    state: dict[str, torch.Tensor] = {}
     if args.hf_baseline:
-        n = min(args.hf_baseline, len(prompts))
-        max_new = max(sp.max_tokens for sp in params[:n])
-        same = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_new)
-        ours_s, ours_tokens = timed_generate(llm, prompts[:n], [same] * n, device)
-        ours = report(f"nanovllm {results[-1]['variant']}, {n} requests", ours_tokens, ours_s)
-        state, dtype = hf_state_dict(llm.model_runner.model, hf_config), llm.runtime.dtype
-        release_engine(llm)
-        llm = None
-        free_memory()
-        model = build_hf_model(hf_config, state, dtype, device)
-        del state
-        free_memory()
-        pad = getattr(hf_config, "pad_token_id", None) or getattr(hf_config, "eos_token_id", 0)
-        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-        hf_s = hf_generate(model, prompts[:n], max_new, pad, device)
-        hf = report(f"transformers generate, {n} requests", n * max_new, hf_s)
-        payload["hf_baseline"] = dict(
-            num_requests=n, max_new_tokens=max_new, tokens=n * max_new, seconds=hf_s,
-            throughput_tok_s=hf, nanovllm_seconds=ours_s, nanovllm_throughput_tok_s=ours,
-            nanovllm_over_hf_same_slice=ours / hf,
-            nanovllm_full_workload_over_hf=results[-1]["throughput_tok_s"] / hf,
-        )  # fmt: skip
-        print(
-            f"nanovllm / transformers, same {n} requests: {ours / hf:.2f}x; "
-            f"full workload / transformers: {results[-1]['throughput_tok_s'] / hf:.2f}x"
+        payload["hf_baseline"] = nanovllm_slice(llm, args, prompts, params, device)
+        state = hf_state_dict(llm.model_runner.model, hf_config)
+    release_engine(llm)
+    llm = None
+    free_memory()
+    if args.hf_baseline:
+        payload["hf_baseline"].update(
+            hf_baseline(hf_config, state, prompts, payload["hf_baseline"], device)
         )
-        del model
-    if llm is not None:
-        release_engine(llm)
+        full = results[-1]["throughput_tok_s"] / payload["hf_baseline"]["throughput_tok_s"]
+        payload["hf_baseline"]["nanovllm_full_workload_over_hf"] = full
+        same = payload["hf_baseline"]["nanovllm_over_hf_same_slice"]
+        print(
+            f"nanovllm / transformers: {same:.2f}x on the same requests; {full:.2f}x for the "
+            "full workload's throughput"
+        )
     write_json(args.json, payload)
     return payload
 

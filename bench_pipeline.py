@@ -25,22 +25,17 @@ import torch
 
 from benchmarks.common import (
     SHAPES,
-    ModelCost,
     add_common_args,
-    blocks_needed,
-    build_engine,
+    build_decode_engine,
     decode_step_fn,
     environment,
-    fill_kv_random,
     format_table,
     free_memory,
-    kv_blocks_that_fit,
     measure_card,
     model_path,
-    only_graph_buckets,
+    plan_decode,
     release_engine,
     resolve_device,
-    split_fitting,
     synthetic_decode_inputs,
     time_fns,
     write_json,
@@ -92,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed steps per variant, median (default 20)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reserve-gib", type=float, default=5.0, help="memory kept off the KV cache")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="engine max_model_len (raised to the largest ctx); it sets the width of the "
+        "captured block tables, from which the decode kernel picks its split count",
+    )
     add_common_args(p)
     args = p.parse_args(argv)
     grid = GRIDS["quick" if args.quick else args.grid]
@@ -106,68 +108,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_pipeline(pipe, split: tuple[int, int], m: int) -> tuple[int, int]:
-    """Re-partition (if the split changed) and set the micro-batch count, then re-capture the
-    pipelined graphs. The engine was built with the largest ``m``: its per-(layer, micro-batch)
-    events cover every smaller count. Returns the granted (attention, FFN) SMs."""
-    if (pipe.green.requested_attention_sm_count, pipe.green.requested_ffn_sm_count) != split:
+def configure_pipeline(pipe, split: tuple[int, int] | None, m: int) -> tuple[int, int]:
+    """Re-partition the SMs (unless ``split`` is None), set the micro-batch count and re-capture
+    the pipelined graphs (timed below with ``pipe.graph_runner.run``, not ``pipe.run``). The
+    engine was built with the largest ``m``: its per-(layer, micro-batch) events cover every
+    smaller count. Returns the granted (attention, FFN) SMs."""
+    if split is not None:
         pipe.adjust_sm_allocation(*split)
     pipe.num_microbatches = m
     if pipe.graph_runner is not None:
         pipe.graph_runner.reset()
         pipe.graph_runner.capture()
-        if hasattr(pipe, "_graph_generation"):  # so that pipe.run() does not capture again
-            pipe._graph_generation = pipe.green.generation
-    return pipe.green.attention_sms, pipe.green.ffn_sms
+    stats = pipe.statistics()
+    return stats["attention_sms"], stats["ffn_sms"]
 
 
 def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> dict:
     from transformers import AutoConfig
 
-    from nanovllm.utils.hf import resolve_dtype
-
     hf = AutoConfig.from_pretrained(path)
-    cost = ModelCost.from_config(hf, resolve_dtype("auto", hf, device).itemsize)
-    block_size = 256
-    combos = [(b, c) for c in args.ctxs for b in args.batches]
-    limit = kv_blocks_that_fit(
-        cost, block_size, device, args.gpu_memory_utilization, args.reserve_gib
-    )
-    fit, skipped = split_fitting(combos, block_size, limit)
-    for b, c in skipped:
-        need = blocks_needed(b, c, block_size)
-        print(f"skip {name} batch {b} ctx {c}: needs {need} KV blocks, {limit} fit")
+    cost, fit, skipped = plan_decode(name, hf, device, args)
     out = {"shape": name, "skipped": skipped, "rows": []}
     if not fit:
         return out
-    num_blocks = max(blocks_needed(b, c, block_size) for b, c in fit)
-    batches = sorted({b for b, _ in fit})
     first = args.splits[0]
-    with only_graph_buckets(batches):
-        llm = build_engine(
-            path,
-            device,
-            dummy,
-            max_num_seqs=max(batches),
-            max_model_len=max(c for _, c in fit) + block_size,
-            kvcache_block_size=block_size,
-            num_kvcache_blocks=num_blocks,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=args.enforce_eager,
-            enable_pipeline=True,
-            pipeline_attention_sm_count=first[0],
-            pipeline_ffn_sm_count=first[1],
-            pipeline_num_microbatches=max(args.microbatches),
-        )
-    runner = llm.model_runner
+    llm = build_decode_engine(
+        path,
+        dummy,
+        device,
+        fit,
+        args,
+        enable_pipeline=True,
+        pipeline_attention_sm_count=first[0],
+        pipeline_ffn_sm_count=first[1],
+        pipeline_num_microbatches=max(args.microbatches),
+    )
+    runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
     pipe = runner.pipeline
-    fill_kv_random(runner)
     out["pipeline"] = {"active": pipe.active, "mode": pipe.mode, "reason": pipe.reason}
     print(f"{name}: pipeline {'active' if pipe.active else 'unavailable: ' + pipe.reason}")
     inputs = {
-        (b, c): synthetic_decode_inputs(b, c, block_size, num_blocks, hf.vocab_size, device)
-        for b, c in fit
+        (b, c): synthetic_decode_inputs(b, c, num_blocks, hf.vocab_size, device) for b, c in fit
     }
+    current = first  # the split the engine was built with
     configs = [(s, m) for s in args.splits for m in args.microbatches] if pipe.active else [None]
     with torch.inference_mode():
         for config in configs:
@@ -175,7 +158,10 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
             if config is not None:
                 (a, f), m = config
                 try:
-                    got_a, got_f = configure_pipeline(pipe, (a, f), m)
+                    got_a, got_f = configure_pipeline(
+                        pipe, None if current == (a, f) else (a, f), m
+                    )
+                    current = (a, f)
                 except (ValueError, RuntimeError) as e:  # e.g. a split this card cannot make
                     print(f"skip split {a},{f} m={m}: {type(e).__name__}: {e}")
                     out.setdefault("failed", []).append([a, f, m, str(e)])

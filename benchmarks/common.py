@@ -30,6 +30,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ("tiny", "0.6b", "8b")
+BLOCK_SIZE = 256  # KV block size of the decode microbenchmarks (the engine's default)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -42,18 +43,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_path(shape: str, root: str | None = None) -> str:
-    """A random-weight Qwen3 folder at ``shape`` (config + tokenizer, no weights), cached."""
+    """A random-weight Qwen3 folder at ``shape`` (config + tokenizer, no weights, bf16), cached
+    under ``$NANOVLLM_BENCH_CACHE`` (default ``~/.cache/nanovllm/bench``); rebuilt if its
+    config no longer matches ``SHAPES``."""
+    import shutil
+
+    from nanovllm.utils.default_model import SHAPES as SPECS
     from nanovllm.utils.default_model import make_random_qwen3
 
-    root = (
-        root
-        or os.environ.get("NANOVLLM_BENCH_CACHE")
-        or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm", "bench")
-    )
+    root = root or os.environ.get("NANOVLLM_BENCH_CACHE")
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "nanovllm", "bench")
     path = os.path.join(root, f"qwen3-{shape}-dummy")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        fresh = cfg.get("dtype") == "bfloat16" and all(
+            cfg.get(k) == v for k, v in SPECS[shape].items()
+        )
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
         tmp = f"{path}.tmp-{os.getpid()}"
         make_random_qwen3(tmp, shape, write_weights=False, dtype=torch.bfloat16)
+        shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     return path
 
@@ -161,7 +173,7 @@ def fill_kv_random(runner, seed: int = 0) -> None:
 
 
 def synthetic_decode_inputs(
-    batch: int, ctx: int, block_size: int, num_blocks: int, vocab: int, device, seed: int = 0
+    batch: int, ctx: int, num_blocks: int, vocab: int, device, seed: int = 0, block_size=BLOCK_SIZE
 ):
     """Decode ``ModelInputs`` for ``batch`` sequences of ``ctx`` tokens (the new one included),
     each on its own shuffled KV blocks."""
@@ -328,29 +340,55 @@ class ModelCost:
         return self.kv_bytes(1, block_size)
 
 
-def blocks_needed(batch: int, ctx: int, block_size: int) -> int:
+def blocks_needed(batch: int, ctx: int, block_size: int = BLOCK_SIZE) -> int:
     return batch * math.ceil(ctx / block_size)
 
 
-def kv_blocks_that_fit(
-    cost: ModelCost, block_size: int, device: torch.device, utilization: float, reserve_gib: float
-) -> int | None:
-    """KV blocks that fit next to the weights and ``reserve_gib`` (activations, graphs) within
-    ``utilization`` of the card; None (no limit applied) off CUDA."""
+def kv_blocks_that_fit(cost: ModelCost, device: torch.device, args) -> int | None:
+    """KV blocks that fit next to the weights and ``args.reserve_gib`` (activations, graphs)
+    within ``args.gpu_memory_utilization`` of the card; None (no limit) off CUDA."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    budget = total * utilization - (total - free) - cost.total_params * cost.itemsize
-    budget -= reserve_gib * 2**30
-    return max(0, int(budget // cost.block_bytes(block_size)))
+    budget = total * args.gpu_memory_utilization - (total - free)
+    budget -= cost.total_params * cost.itemsize + args.reserve_gib * 2**30
+    return max(0, int(budget // cost.block_bytes(BLOCK_SIZE)))
 
 
-def split_fitting(
-    combos: Sequence[tuple[int, int]], block_size: int, limit: int | None
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(fitting, skipped) (batch, ctx) combos under a KV block ``limit`` (None: all fit)."""
-    fit = [c for c in combos if limit is None or blocks_needed(*c, block_size) <= limit]
-    return fit, [c for c in combos if c not in fit]
+def plan_decode(name: str, hf_config, device: torch.device, args):
+    """(cost model, (batch, ctx) points that fit in memory, points skipped); prints the skips."""
+    from nanovllm.utils.hf import resolve_dtype
+
+    cost = ModelCost.from_config(hf_config, resolve_dtype("auto", hf_config, device).itemsize)
+    limit = kv_blocks_that_fit(cost, device, args)
+    fit, skipped = [], []
+    for point in [(b, c) for c in args.ctxs for b in args.batches]:
+        need = blocks_needed(*point)
+        (fit if limit is None or need <= limit else skipped).append(point)
+        if point in skipped:
+            print(f"skip {name} batch {point[0]} ctx {point[1]}: {need} KV blocks, {limit} fit")
+    return cost, fit, skipped
+
+
+def build_decode_engine(path: str, dummy: bool, device, points, args, **options):
+    """An engine sized for ``points``: max_num_seqs = the largest batch, exactly the KV blocks
+    the largest point needs (random values), decode graphs only for the batches timed."""
+    batches = sorted({b for b, _ in points})
+    with only_graph_buckets(batches):
+        llm = build_engine(
+            path,
+            device,
+            dummy,
+            max_num_seqs=batches[-1],
+            max_model_len=max(args.max_model_len, max(c for _, c in points)),
+            kvcache_block_size=BLOCK_SIZE,
+            num_kvcache_blocks=max(blocks_needed(*p) for p in points),
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            **options,
+        )
+    fill_kv_random(llm.model_runner)
+    return llm
 
 
 # ----------------------------------------------------------------------------- output

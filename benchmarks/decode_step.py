@@ -26,22 +26,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     SHAPES,
-    ModelCost,
     add_common_args,
-    blocks_needed,
-    build_engine,
+    build_decode_engine,
     decode_step_fn,
     environment,
-    fill_kv_random,
     format_table,
     free_memory,
-    kv_blocks_that_fit,
     measure_card,
     model_path,
-    only_graph_buckets,
+    plan_decode,
     release_engine,
     resolve_device,
-    split_fitting,
     synthetic_decode_inputs,
     time_fns,
     write_json,
@@ -73,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed steps per point, median (default 30)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept off the KV cache")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="engine max_model_len (raised to the largest ctx); it sets the width of the "
+        "captured block tables, from which the decode kernel picks its split count",
+    )
     add_common_args(p)
     args = p.parse_args(argv)
     q = args.quick
@@ -86,47 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> dict:
     from transformers import AutoConfig
 
-    from nanovllm.utils.hf import resolve_dtype
-
     hf = AutoConfig.from_pretrained(path)
-    dtype = resolve_dtype("auto", hf, device)
-    cost = ModelCost.from_config(hf, dtype.itemsize)
-    block_size = 256
-    combos = [(b, c) for c in args.ctxs for b in args.batches]
-    limit = kv_blocks_that_fit(
-        cost, block_size, device, args.gpu_memory_utilization, args.reserve_gib
-    )
-    fit, skipped = split_fitting(combos, block_size, limit)
-    for b, c in skipped:
-        print(
-            f"skip {name} batch {b} ctx {c}: needs {blocks_needed(b, c, block_size)} KV "
-            f"blocks, {limit} fit"
-        )
-    out = {"shape": name, "dtype": str(dtype), "skipped": skipped, "rows": []}
+    cost, fit, skipped = plan_decode(name, hf, device, args)
+    out = {"shape": name, "skipped": skipped, "rows": []}
     if not fit:
         return out
-    num_blocks = max(blocks_needed(b, c, block_size) for b, c in fit)
-    batches = sorted({b for b, _ in fit})
-    with only_graph_buckets(batches):
-        llm = build_engine(
-            path,
-            device,
-            dummy,
-            max_num_seqs=max(batches),
-            max_model_len=max(c for _, c in fit) + block_size,
-            kvcache_block_size=block_size,
-            num_kvcache_blocks=num_blocks,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=args.enforce_eager,
-        )
-    runner = llm.model_runner
-    fill_kv_random(runner)
+    llm = build_decode_engine(path, dummy, device, fit, args)
+    runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
     out["mode"] = "cuda graph" if runner.graph_runner is not None else "eager"
     out["attention_backend"] = llm.runtime.attention_backend
+    out["dtype"] = str(llm.runtime.dtype)
     print(f"{name}: {out['mode']}, attention {out['attention_backend']}, {num_blocks} KV blocks")
     with torch.inference_mode():
         for b, c in fit:
-            inputs = synthetic_decode_inputs(b, c, block_size, num_blocks, hf.vocab_size, device)
+            inputs = synthetic_decode_inputs(b, c, num_blocks, hf.vocab_size, device)
             ms = time_fns({"step": decode_step_fn(runner, inputs)}, args.reps, args.warmup, device)
             ms = ms["step"]
             nbytes, flops = cost.step_bytes(b, c), cost.step_flops(b, c)

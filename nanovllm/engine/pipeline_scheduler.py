@@ -1,17 +1,24 @@
 """The Attention/FFN decode pipeline on one GPU.
 
-The decode batch is split into micro-batches (row ranges). Per layer l, the attention stage of
-micro-batch i runs on the attention partition's stream while the FFN stage of micro-batch i-1
-runs on the FFN partition's stream (two micro-batches):
+The decode batch is split into micro-batches (row ranges). Each layer is cut in two stages:
 
-    attention stream: a(0,0) a(0,1) . a(1,0) a(1,1) . a(2,0) ...
-    FFN stream      :   .   f(0,0) f(0,1) f(1,0) f(1,1) f(2,0) ...
+- attention stage ``A(l, i)`` on the attention partition: KV store and paged attention, the
+  memory-bound part;
+- FFN stage ``F(l, i)`` on the FFN partition: every GEMM around it, i.e. layer l-1's o_proj and
+  FFN followed by layer l's input norm, QKV projection and rotary (the embedding at l = 0, the
+  final norm at l = num_layers).
 
-``a(l+1, i)`` waits for ``f(l, i)`` and ``f(l, i)`` waits for ``a(l, i)``: one CUDA event per
-edge, the host never waits. Tensors that cross streams live in static buffers (``hidden`` and
-``residual`` rows of each micro-batch): if they were left to the caching allocator, memory freed
-by one stream could be handed to the other while still being read. The whole step is captured as
-one CUDA graph per batch bucket; kernels keep their green partition on replay.
+With two micro-batches the partitions work on different micro-batches at the same time:
+
+    FFN stream      : F(0,0) F(0,1) F(1,0) F(1,1) F(2,0) F(2,1) ...
+    attention stream:   .    A(0,0) A(0,1) A(1,0) A(1,1) A(2,0) ...
+
+``A(l, i)`` waits for ``F(l, i)`` (it needs q, k, v) and ``F(l+1, i)`` waits for ``A(l, i)`` (it
+needs the attention output): one CUDA event per edge, the host never waits. Tensors that cross
+streams (q, k, v one way, the attention output the other) live in static per-micro-batch rows:
+left to the caching allocator, memory freed by one stream could be handed to the other while
+still being read. The residual never leaves the FFN stream. The whole step is captured as one
+CUDA graph per batch bucket; kernels keep their green partition on replay.
 """
 
 from __future__ import annotations
@@ -25,6 +32,22 @@ from nanovllm.engine.model_inputs import ModelInputs
 from nanovllm.engine.pipeline_stats import PipelineStats, StageTimers, format_table
 
 logger = logging.getLogger(__name__)
+
+
+class _NoEvent:
+    """Stands in for CUDA events when the schedule is emulated serially (CPU tests)."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+
+def _event(device: torch.device):
+    return torch.cuda.Event() if device.type == "cuda" else _NoEvent()
+
+
+def _wait(stream, event) -> None:
+    if stream is not None:
+        stream.wait_event(event)
 
 
 def microbatch_bounds(num_rows: int, num_microbatches: int) -> list[tuple[int, int]]:
@@ -53,15 +76,20 @@ class PipelineScheduler:
         self.graph_runner: DecodeGraphRunner | None = None
         if not self.active:
             return
-        rows, hidden = cfg.max_num_seqs, runner.runtime.hf_config.hidden_size
+        hf, rows = runner.runtime.hf_config, cfg.max_num_seqs
+        attn = next(layer.self_attn for layer in self.model.model.layers)
         kw = dict(dtype=runner.dtype, device=runner.device)
-        self.hidden = torch.zeros(rows, hidden, **kw)  # per micro-batch rows: stage outputs
-        self.residual = torch.zeros(rows, hidden, **kw)
-        self.out = torch.zeros(rows, hidden, **kw)
+        # Cross-stream buffers, rows of every micro-batch: [rows, heads, head_dim] etc.
+        self.q = torch.zeros(rows, attn.num_heads, attn.head_dim, **kw)
+        self.k = torch.zeros(rows, attn.num_kv_heads, attn.head_dim, **kw)
+        self.v = torch.zeros(rows, attn.num_kv_heads, attn.head_dim, **kw)
+        self.o = torch.zeros(rows, attn.num_heads * attn.head_dim, **kw)
+        self.out = torch.zeros(rows, hf.hidden_size, **kw)
         L, m = self.model.num_layers, self.num_microbatches
-        self.attn_done = [[torch.cuda.Event() for _ in range(m)] for _ in range(L)]
-        self.ffn_done = [[torch.cuda.Event() for _ in range(m)] for _ in range(L)]
-        self.ready = torch.cuda.Event()
+        dev = runner.device
+        self.ffn_done = [[_event(dev) for _ in range(m)] for _ in range(L)]
+        self.attn_done = [[_event(dev) for _ in range(m)] for _ in range(L)]
+        self.ready, self.finished = _event(dev), _event(dev)
         self.timers: dict[int, StageTimers] = {}
         self._graph_generation = green.generation
         green.on_repartition(self._on_repartition)
@@ -105,49 +133,55 @@ class PipelineScheduler:
         """One pipelined decode step: input_ids/positions [bs] -> final hidden [bs, hidden]."""
         bs = input_ids.shape[0]
         bounds = microbatch_bounds(bs, self.num_microbatches)
-        model, h, r = self.model, self.hidden, self.residual
-        main = torch.cuda.current_stream()
+        model, num_layers = self.model, self.model.num_layers
         attn_stream, ffn_stream = self.green.attention_stream, self.green.ffn_stream
+        # Streams are None only when a test emulates the schedule serially on the CPU.
+        main = torch.cuda.current_stream() if ffn_stream is not None else None
         timers = None
         if self.stats.profiling:
-            timers = self.timers.setdefault(bs, StageTimers(model.num_layers, len(bounds)))
+            timers = self.timers.setdefault(bs, StageTimers(num_layers, len(bounds)))
             timers.step[0].record(main)
-        h[:bs] = model.embed(input_ids)
-        self.ready.record(main)  # both partitions start after the embedding is written
-        attn_stream.wait_event(self.ready)
-        ffn_stream.wait_event(self.ready)
+        # Both partitions start after the inputs were written on the launching stream.
+        self.ready.record(main)
+        _wait(attn_stream, self.ready)
+        _wait(ffn_stream, self.ready)
         metas = [meta.decode_slice(lo, hi) for lo, hi in bounds]
-        last = model.num_layers - 1
-        for layer in range(model.num_layers):
+        residual: list[torch.Tensor | None] = [None] * len(bounds)
+        for layer in range(num_layers + 1):
             for i, (lo, hi) in enumerate(bounds):
-                with torch.cuda.stream(attn_stream), self.green.cublas_sm_budget("attention"):
+                with torch.cuda.stream(ffn_stream), self.green.cublas_sm_budget("ffn"):
                     if layer > 0:
-                        attn_stream.wait_event(self.ffn_done[layer - 1][i])
+                        _wait(ffn_stream, self.attn_done[layer - 1][i])
+                    if timers:
+                        timers.ffn[layer][i][0].record(ffn_stream)
+                    if layer == 0:
+                        h, r = model.embed(input_ids[lo:hi]), None
+                    else:
+                        h, r = model.forward_post_attention(layer - 1, self.o[lo:hi], residual[i])
+                    if layer == num_layers:
+                        self.out[lo:hi] = model.final_norm(h, r)
+                    else:
+                        q, k, v, residual[i] = model.forward_qkv(layer, positions[lo:hi], h, r)
+                        self.q[lo:hi], self.k[lo:hi], self.v[lo:hi] = q, k, v
+                    if timers:
+                        timers.ffn[layer][i][1].record(ffn_stream)
+                    if layer < num_layers:
+                        self.ffn_done[layer][i].record(ffn_stream)
+                if layer == num_layers:
+                    continue
+                with torch.cuda.stream(attn_stream):
+                    _wait(attn_stream, self.ffn_done[layer][i])
                     if timers:
                         timers.attention[layer][i][0].record(attn_stream)
-                    res_in = r[lo:hi] if layer > 0 else None
-                    ho, ro = model.forward_attention(
-                        layer, positions[lo:hi], h[lo:hi], res_in, metas[i]
+                    self.o[lo:hi] = model.forward_attention_core(
+                        layer, self.q[lo:hi], self.k[lo:hi], self.v[lo:hi], metas[i]
                     )
-                    r[lo:hi] = ro  # first: at layer 0 ``ro`` aliases h[lo:hi]
-                    h[lo:hi] = ho
                     if timers:
                         timers.attention[layer][i][1].record(attn_stream)
                     self.attn_done[layer][i].record(attn_stream)
-                with torch.cuda.stream(ffn_stream), self.green.cublas_sm_budget("ffn"):
-                    ffn_stream.wait_event(self.attn_done[layer][i])
-                    if timers:
-                        timers.ffn[layer][i][0].record(ffn_stream)
-                    ho, ro = model.forward_ffn(layer, h[lo:hi], r[lo:hi])
-                    if layer == last:
-                        self.out[lo:hi] = model.final_norm(ho, ro)
-                    else:
-                        h[lo:hi], r[lo:hi] = ho, ro
-                    if timers:
-                        timers.ffn[layer][i][1].record(ffn_stream)
-                    self.ffn_done[layer][i].record(ffn_stream)
-        for i in range(len(bounds)):  # join: the FFN chain follows every attention stage
-            main.wait_event(self.ffn_done[last][i])
+        # Join: the FFN stream's last stage already waited for every attention stage.
+        self.finished.record(ffn_stream)
+        _wait(main, self.finished)
         if timers:
             timers.step[1].record(main)
         return self.out[:bs]

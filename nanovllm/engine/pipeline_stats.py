@@ -117,7 +117,7 @@ def format_table(stats: dict) -> str:
         lines.append(f"{'(ms)':<20}{'mean':>10}{'p50':>10}{'p99':>10}")
         for key, label in (
             ("attention_stage_ms", "attention stage"),
-            ("ffn_stage_ms", "FFN stage"),
+            ("ffn_stage_ms", "FFN stage (GEMMs)"),
             ("step_ms", "step"),
         ):
             v = stats[key]

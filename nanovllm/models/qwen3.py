@@ -1,11 +1,13 @@
 """Qwen3 for causal LM, module names following the Hugging Face checkpoint.
 
-Besides ``forward`` the model exposes its two decode stages per layer, which the pipeline
-scheduler drives on separate streams:
+Besides ``forward`` the model exposes its decode stages per layer, for a scheduler that runs them
+on separate streams:
 
 - ``forward_attention(l, ...)``: input RMSNorm (+ residual add), QKV, q/k norm, rotary, KV store,
   attention, o_proj;
-- ``forward_ffn(l, ...)``: post-attention RMSNorm (+ residual add), gate/up, SiLU-and-mul, down.
+- ``forward_ffn(l, ...)``: post-attention RMSNorm (+ residual add), gate/up, SiLU-and-mul, down;
+- the finer cut the pipeline uses: ``forward_qkv`` (norm, QKV, rotary), ``forward_attention_core``
+  (KV store, attention: the memory-bound part) and ``forward_post_attention`` (o_proj + FFN).
 
 ``forward()`` is exactly the composition of the stages: over the same rows both give bitwise
 identical results (micro-batches change GEMM row counts, hence rounding, not the math).
@@ -57,14 +59,18 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, meta: AttentionMetadata) -> torch.Tensor:
+    def project_qkv(self, positions, hidden_states):
+        """-> q [num_tokens, num_heads, d], k and v [num_tokens, num_kv_heads, d]."""
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return q, k, v
+
+    def forward(self, positions, hidden_states, meta: AttentionMetadata) -> torch.Tensor:
+        return self.o_proj(self.attn(*self.project_qkv(positions, hidden_states), meta))
 
 
 class Qwen3MLP(nn.Module):
@@ -88,13 +94,31 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward_attention(self, positions, hidden_states, residual, meta) -> Hidden:
-        """Stage 1. ``residual`` is None for the first layer (the embedding is the residual)."""
+    def _input_norm(self, hidden_states, residual) -> Hidden:
+        """``residual`` is None for the first layer: the embedding is the residual."""
         if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            return self.input_layernorm(hidden_states), hidden_states
+        return self.input_layernorm(hidden_states, residual)
+
+    def forward_attention(self, positions, hidden_states, residual, meta) -> Hidden:
+        """Stage 1: input norm, QKV, attention, o_proj."""
+        hidden_states, residual = self._input_norm(hidden_states, residual)
         return self.self_attn(positions, hidden_states, meta), residual
+
+    # The pipeline's finer cut: only the KV store and the attention kernel (memory-bound) on
+    # the attention partition; every GEMM (QKV, o_proj, FFN) on the other.
+    def forward_qkv(self, positions, hidden_states, residual):
+        """Input norm and QKV projection -> (q, k, v, residual)."""
+        hidden_states, residual = self._input_norm(hidden_states, residual)
+        return (*self.self_attn.project_qkv(positions, hidden_states), residual)
+
+    def forward_attention_core(self, q, k, v, meta) -> torch.Tensor:
+        """KV store and attention -> [num_tokens, num_heads * d] (before o_proj)."""
+        return self.self_attn.attn(q, k, v, meta)
+
+    def forward_post_attention(self, attn_out, residual) -> Hidden:
+        """o_proj, then the FFN stage."""
+        return self.forward_ffn(self.self_attn.o_proj(attn_out), residual)
 
     def forward_ffn(self, hidden_states, residual) -> Hidden:
         """Stage 2: needs only this micro-batch's own rows, no attention metadata."""
@@ -122,6 +146,15 @@ class Qwen3Model(nn.Module):
 
     def forward_ffn(self, layer: int, hidden_states, residual) -> Hidden:
         return self.layers[layer].forward_ffn(hidden_states, residual)
+
+    def forward_qkv(self, layer: int, positions, hidden_states, residual):
+        return self.layers[layer].forward_qkv(positions, hidden_states, residual)
+
+    def forward_attention_core(self, layer: int, q, k, v, meta) -> torch.Tensor:
+        return self.layers[layer].forward_attention_core(q, k, v, meta)
+
+    def forward_post_attention(self, layer: int, attn_out, residual) -> Hidden:
+        return self.layers[layer].forward_post_attention(attn_out, residual)
 
     def final_norm(self, hidden_states, residual) -> torch.Tensor:
         return self.norm(hidden_states, residual)[0]
@@ -164,6 +197,15 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward_ffn(self, layer, hidden_states, residual) -> Hidden:
         return self.model.forward_ffn(layer, hidden_states, residual)
+
+    def forward_qkv(self, layer, positions, hidden_states, residual):
+        return self.model.forward_qkv(layer, positions, hidden_states, residual)
+
+    def forward_attention_core(self, layer, q, k, v, meta) -> torch.Tensor:
+        return self.model.forward_attention_core(layer, q, k, v, meta)
+
+    def forward_post_attention(self, layer, attn_out, residual) -> Hidden:
+        return self.model.forward_post_attention(layer, attn_out, residual)
 
     def final_norm(self, hidden_states, residual) -> torch.Tensor:
         return self.model.final_norm(hidden_states, residual)
