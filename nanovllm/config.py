@@ -114,3 +114,42 @@ class RuntimeInfo:
     num_kvcache_blocks: int = 0
     attention_backend: str = ""
     cuda_graphs: bool = False
+
+
+def check_tensor_parallel(config: Config, hf_config, device: torch.device) -> None:
+    """``tensor_parallel_size`` against the model's shapes and the devices present."""
+    n = config.tensor_parallel_size
+    if n == 1:
+        return
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % n or kv_heads % n:
+        divisors = [d for d in range(1, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
+        raise ValueError(
+            f"Config.tensor_parallel_size={n} is invalid: the model has {heads} attention heads "
+            f"and {kv_heads} KV heads, and each rank needs a whole share of both: use one of "
+            f"{divisors}"
+        )
+    if hf_config.intermediate_size % n:
+        raise ValueError(
+            f"Config.tensor_parallel_size={n} is invalid: the model's intermediate_size "
+            f"{hf_config.intermediate_size} is not divisible by it"
+        )
+    if device.type == "cuda" and n > torch.cuda.device_count():
+        raise ValueError(
+            f"Config.tensor_parallel_size={n} is invalid: only {torch.cuda.device_count()} CUDA "
+            "GPU(s) are visible (one rank per GPU): lower tensor_parallel_size or make more GPUs "
+            "visible (CUDA_VISIBLE_DEVICES)"
+        )
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError(
+            f"Config.tensor_parallel_size={n} is invalid: this torch build has no "
+            "torch.distributed: use tensor_parallel_size=1"
+        )
+    if dist.is_initialized():
+        raise ValueError(
+            f"Config.tensor_parallel_size={n} cannot start: torch.distributed is already "
+            "initialised in this process (another tensor-parallel LLM is alive?): call its "
+            "exit() or delete it first; one tensor-parallel engine per process"
+        )

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from nanovllm.config import Config, RuntimeInfo
+from nanovllm.config import Config, RuntimeInfo, check_tensor_parallel
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
@@ -48,11 +48,10 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=eos_token_ids(model, hf_config),
         )
-        if config.tensor_parallel_size > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not available yet")
+        check_tensor_parallel(config, hf_config, device)
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model_runner = ModelRunner(config, self.runtime)
+        self.model_runner = self._start_model_runner()
         self.scheduler = Scheduler(
             BlockManager(
                 self.runtime.num_kvcache_blocks,
@@ -67,8 +66,23 @@ class LLMEngine:
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, self.model_runner.close)
 
+    def _start_model_runner(self) -> ModelRunner:
+        """One process, or (``tensor_parallel_size > 1``) this process as rank 0 of a group
+        whose other ranks are worker processes (see ``nanovllm.engine.tp_workers``)."""
+        if self.config.tensor_parallel_size == 1:
+            return ModelRunner(self.config, self.runtime)
+        from nanovllm.engine.tp_workers import WorkerGroup
+
+        if self.runtime.device.type == "cuda":
+            self.runtime.device = torch.device("cuda", 0)  # rank r runs on cuda:r
+        workers = WorkerGroup(self.config, self.runtime)  # returns with every rank in the group
+        try:
+            return ModelRunner(self.config, self.runtime, workers)
+        except BaseException as e:
+            raise workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
+
     def exit(self) -> None:
-        """Free the GPU memory and green contexts now."""
+        """Free the GPU memory and green contexts now; stop tensor-parallel workers."""
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()

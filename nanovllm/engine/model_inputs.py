@@ -1,4 +1,10 @@
-"""Turn a scheduled batch into model inputs and attention metadata (host -> device)."""
+"""Turn a scheduled batch into model inputs and attention metadata (host -> device).
+
+Two phases: ``plan_step`` flattens the batch into a ``StepPlan`` of plain Python lists (no
+``Sequence`` objects, no tensors), and ``to_model_inputs`` makes the device tensors. Under tensor
+parallelism rank 0 plans once and sends the same plan to every rank, so all ranks run the same
+step (prefill or decode, the same rows) by construction.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +26,37 @@ class ModelInputs:
     sampling_rows: list[int]  # which batch entries sample a token this step
 
 
+@dataclass
+class StepPlan:
+    """One step's model inputs as plain data (picklable, cheap to send to other ranks)."""
+
+    is_prefill: bool
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    sampling_rows: list[int]
+    logits_indices: list[int] | None = None  # None: every row (decode)
+    # prefill
+    cu_seqlens_q: list[int] | None = None
+    cu_seqlens_k: list[int] | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    # decode; prefill too when some sequence continues after cached or computed tokens
+    context_lens: list[int] | None = None
+    block_tables: list[list[int]] | None = None  # rows padded with -1
+
+
 def _tensor(data, dtype, device) -> torch.Tensor:
     pin = device.type == "cuda"
     return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
 
-def block_table_tensor(batch: ScheduledBatch, device: torch.device, width: int | None = None):
-    width = width or max(len(seq.block_table) for seq in batch.seqs)
-    rows = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
-    return _tensor(rows, torch.int32, device)
+def _block_table_rows(batch: ScheduledBatch) -> list[list[int]]:
+    width = max(len(seq.block_table) for seq in batch.seqs)
+    return [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
 
 
-def prepare_prefill(batch: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
+def plan_prefill(batch: ScheduledBatch, block_size: int) -> StepPlan:
     input_ids, positions, slot_mapping = [], [], []
     cu_q, cu_k, logits_indices, sampling_rows = [0], [0], [], []
     max_q = max_k = 0
@@ -49,25 +74,22 @@ def prepare_prefill(batch: ScheduledBatch, block_size: int, device: torch.device
         if batch.samples(i):
             logits_indices.append(cu_q[-1] - 1)
             sampling_rows.append(i)
-    meta = AttentionMetadata(
+    return StepPlan(
         is_prefill=True,
-        slot_mapping=_tensor(slot_mapping, torch.int32, device),
-        cu_seqlens_q=_tensor(cu_q, torch.int32, device),
-        cu_seqlens_k=_tensor(cu_k, torch.int32, device),
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        sampling_rows=sampling_rows,
+        logits_indices=logits_indices,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
-        block_tables=block_table_tensor(batch, device) if has_prefix else None,
-    )
-    return ModelInputs(
-        input_ids=_tensor(input_ids, torch.int64, device),
-        positions=_tensor(positions, torch.int64, device),
-        meta=meta,
-        logits_indices=_tensor(logits_indices, torch.int64, device),
-        sampling_rows=sampling_rows,
+        block_tables=_block_table_rows(batch) if has_prefix else None,
     )
 
 
-def prepare_decode(batch: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
+def plan_decode(batch: ScheduledBatch, block_size: int) -> StepPlan:
     input_ids, positions, slot_mapping, context_lens = [], [], [], []
     for seq in batch.seqs:
         pos = len(seq) - 1
@@ -75,20 +97,60 @@ def prepare_decode(batch: ScheduledBatch, block_size: int, device: torch.device)
         positions.append(pos)
         slot_mapping.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
         context_lens.append(len(seq))
-    meta = AttentionMetadata(
+    return StepPlan(
         is_prefill=False,
-        slot_mapping=_tensor(slot_mapping, torch.int32, device),
-        context_lens=_tensor(context_lens, torch.int32, device),
-        block_tables=block_table_tensor(batch, device),
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        sampling_rows=list(range(len(batch.seqs))),
+        context_lens=context_lens,
+        block_tables=_block_table_rows(batch),
     )
-    n = len(batch.seqs)
+
+
+def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
+    return (plan_prefill if batch.is_prefill else plan_decode)(batch, block_size)
+
+
+def to_model_inputs(plan: StepPlan, device: torch.device) -> ModelInputs:
+    i32 = torch.int32
+    tables = plan.block_tables
+    if plan.is_prefill:
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=_tensor(plan.slot_mapping, i32, device),
+            cu_seqlens_q=_tensor(plan.cu_seqlens_q, i32, device),
+            cu_seqlens_k=_tensor(plan.cu_seqlens_k, i32, device),
+            max_seqlen_q=plan.max_seqlen_q,
+            max_seqlen_k=plan.max_seqlen_k,
+            block_tables=_tensor(tables, i32, device) if tables is not None else None,
+        )
+    else:
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=_tensor(plan.slot_mapping, i32, device),
+            context_lens=_tensor(plan.context_lens, i32, device),
+            block_tables=_tensor(tables, i32, device),
+        )
+    if plan.logits_indices is None:
+        logits_indices = torch.arange(len(plan.input_ids), device=device)
+    else:
+        logits_indices = _tensor(plan.logits_indices, torch.int64, device)
     return ModelInputs(
-        input_ids=_tensor(input_ids, torch.int64, device),
-        positions=_tensor(positions, torch.int64, device),
+        input_ids=_tensor(plan.input_ids, torch.int64, device),
+        positions=_tensor(plan.positions, torch.int64, device),
         meta=meta,
-        logits_indices=torch.arange(n, device=device),
-        sampling_rows=list(range(n)),
+        logits_indices=logits_indices,
+        sampling_rows=plan.sampling_rows,
     )
+
+
+def prepare_prefill(batch: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
+    return to_model_inputs(plan_prefill(batch, block_size), device)
+
+
+def prepare_decode(batch: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
+    return to_model_inputs(plan_decode(batch, block_size), device)
 
 
 def prepare_sampling(batch: ScheduledBatch, rows: list[int], device: torch.device):

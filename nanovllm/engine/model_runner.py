@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 import torch
+import torch.distributed as dist
 
 from nanovllm.attention import GRAPH_SAFE, select_attention_backend
 from nanovllm.config import Config, RuntimeInfo
@@ -13,14 +14,17 @@ from nanovllm.engine.cuda_graph import DecodeBuffers, DecodeGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from nanovllm.engine.model_inputs import (
     ModelInputs,
-    prepare_decode,
-    prepare_prefill,
+    StepPlan,
+    plan_step,
     prepare_sampling,
+    to_model_inputs,
 )
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.compile import enable_fusion
+from nanovllm.utils.distributed import tensor_parallel
 from nanovllm.utils.loader import init_dummy_weights, load_model
 
 logger = logging.getLogger(__name__)
@@ -37,17 +41,23 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: Config, runtime: RuntimeInfo):
+    """One rank's model. With ``tensor_parallel_size > 1`` the process group is already joined;
+    rank 0 gets ``workers`` (the other ranks, which run the same steps) and samples."""
+
+    def __init__(self, config: Config, runtime: RuntimeInfo, workers=None):
         self.config, self.runtime = config, runtime
         self.device, self.dtype = runtime.device, runtime.dtype
         self.block_size = config.kvcache_block_size
+        self.world_size = config.tensor_parallel_size
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        self.workers = workers
         hf = runtime.hf_config
         baseline_reserved = 0
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             baseline_reserved = torch.cuda.memory_reserved(self.device)  # earlier engines
             torch.cuda.reset_peak_memory_stats(self.device)
-        with _default_dtype(self.dtype), self.device:
+        with _default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
             self.model = Qwen3ForCausalLM(hf)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
@@ -59,14 +69,16 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.backend = self.backend
+        enable_fusion(self.device)
         self.sampler = Sampler()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
         if self.device.type == "cuda":
             self._warmup()
-        runtime.num_kvcache_blocks = num_blocks_for(
-            config, self.model, self.dtype, self.device, baseline_reserved
-        )
+        num_blocks = num_blocks_for(config, self.model, self.dtype, self.device, baseline_reserved)
+        if self.world_size > 1:
+            num_blocks = self._agree_on_num_blocks(num_blocks)
+        runtime.num_kvcache_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(
             self.model, runtime.num_kvcache_blocks, self.block_size, self.dtype, self.device
         )
@@ -92,6 +104,18 @@ class ModelRunner:
             logger.info("decode runs eagerly (%s)", why)
         runtime.cuda_graphs = use_graphs
         self.pipeline = self._make_pipeline()
+        if self.workers is not None:
+            self.workers.check()  # an NCCL abort after a worker failure can let a build "finish"
+
+    def _agree_on_num_blocks(self, num_blocks: int) -> int:
+        """Every rank's scheduler decisions are rank 0's, so every rank must hold at least the
+        blocks rank 0 hands out: take the minimum over ranks (each sized its own memory)."""
+        t = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        agreed = int(t.item())
+        if agreed < num_blocks:
+            logger.info("KV cache: %d blocks, the minimum over ranks", agreed)
+        return agreed
 
     def _make_pipeline(self):
         from nanovllm.engine.pipeline_scheduler import PipelineScheduler
@@ -132,18 +156,35 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
     @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward of one step, on every rank alike; the sampling rows' logits, or None."""
+        inputs = to_model_inputs(plan, self.device)
+        hidden = self.run_model(inputs, plan.is_prefill)
+        if not plan.sampling_rows:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Sampled token per scheduled sequence (None where a chunked prefill continues)."""
-        prepare = prepare_prefill if batch.is_prefill else prepare_decode
-        inputs = prepare(batch, self.block_size, self.device)
-        hidden = self.run_model(inputs, batch.is_prefill)
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        if not inputs.sampling_rows:
+        plan = plan_step(batch, self.block_size)
+        if self.workers is None:
+            return self._sample(batch, plan, self.execute(plan))
+        try:
+            self.workers.send(plan)  # first: the workers' forward overlaps rank 0's
+            tokens = self._sample(batch, plan, self.execute(plan))
+            self.workers.check()  # after _sample's host sync: the step really completed
             return tokens
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        params = prepare_sampling(batch, inputs.sampling_rows, self.device)
+        except BaseException as e:
+            raise self.workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
+
+    def _sample(self, batch: ScheduledBatch, plan: StepPlan, logits) -> list[int | None]:
+        tokens: list[int | None] = [None] * len(batch.seqs)
+        if logits is None:
+            return tokens
+        params = prepare_sampling(batch, plan.sampling_rows, self.device)
         sampled = self.sampler(logits, *params, generator=self.generator).tolist()
-        for row, token in zip(inputs.sampling_rows, sampled):
+        for row, token in zip(plan.sampling_rows, sampled):
             tokens[row] = token
         return tokens
 
@@ -154,7 +195,11 @@ class ModelRunner:
         self.pipeline.print_statistics()
 
     def close(self) -> None:
-        """Release the partitions, graphs, KV cache and weights (the runner is unusable after)."""
+        """Release the partitions, graphs, KV cache and weights (the runner is unusable after).
+        Rank 0 stops the other ranks first: a rank stopped mid-step may leave this GPU's stream
+        waiting on a collective, which the synchronisations below would wait for."""
+        if self.workers is not None:
+            self.workers.close()
         if self.pipeline is not None:
             self.pipeline.close()
         if self.graph_runner is not None:

@@ -21,16 +21,17 @@ def _timing_event() -> torch.cuda.Event:
 
 
 class StageTimers:
-    """Start/end events for every stage of one captured step shape, plus the whole step."""
+    """Start/end events for every stage of one captured step shape, plus the whole step:
+    ``num_layers`` attention stages and ``num_layers + 1`` FFN stages per micro-batch."""
 
     def __init__(self, num_layers: int, num_microbatches: int):
-        shape = (num_layers, num_microbatches)
-        self.attention = [
-            [(_timing_event(), _timing_event()) for _ in range(shape[1])] for _ in range(shape[0])
-        ]
-        self.ffn = [
-            [(_timing_event(), _timing_event()) for _ in range(shape[1])] for _ in range(shape[0])
-        ]
+        def pairs(num_stages: int):
+            return [
+                [(_timing_event(), _timing_event()) for _ in range(num_microbatches)]
+                for _ in range(num_stages)
+            ]
+
+        self.attention, self.ffn = pairs(num_layers), pairs(num_layers + 1)
         self.step = (_timing_event(), _timing_event())
 
     def read(self) -> tuple[float, float, float]:

@@ -99,5 +99,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        y = all_reduce(y)
+        if self.tp_size > 1:
+            y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

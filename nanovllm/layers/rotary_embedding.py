@@ -1,6 +1,20 @@
 import torch
 from torch import nn
 
+from nanovllm.utils.compile import fusable
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@fusable
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Neox-style rotation of q [num_tokens, num_heads, d] and k [num_tokens, num_kv_heads, d]."""
+    cos, sin = cos_sin[:, positions].unsqueeze(2).to(q.dtype)  # [num_tokens, 1, d] each
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
 
 def rope_theta_of(hf_config) -> float:
     """rope_theta from either config style: transformers 5 keeps it in ``rope_parameters``
@@ -30,13 +44,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin", torch.stack([emb.cos(), emb.sin()]), persistent=False)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [num_tokens]; q [num_tokens, num_heads, d]; k [num_tokens, num_kv_heads, d]."""
-        cos, sin = self.cos_sin[:, positions].unsqueeze(2).to(q.dtype)  # [num_tokens, 1, d] each
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return apply_rotary(q, k, positions, self.cos_sin)

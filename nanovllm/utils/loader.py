@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
+import zlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -31,6 +33,21 @@ def load_model(model: nn.Module, path: str) -> None:
             f"no *.safetensors files in {path!r}: nanovllm loads weights only from safetensors "
             "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:
+            with safe_open(file, "pt", "cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    load_weights(model, tensors(), f"the checkpoint at {path!r}")
+
+
+def load_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str
+) -> None:
+    """Copy full (unsharded) tensors named as in a Hugging Face checkpoint into ``model``; each
+    parameter's ``weight_loader`` keeps its rank's shard."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
@@ -44,26 +61,24 @@ def load_model(model: nn.Module, path: str) -> None:
         needed.pop("lm_head.weight", None)
     loaded: dict[str, set] = {name: set() for name in params}
     unexpected = []
-    for file in files:
-        with safe_open(file, "pt", "cpu") as f:
-            for hf_name in f.keys():
-                if tied and hf_name == "lm_head.weight":
-                    continue  # tied checkpoints may still carry a copy of the embedding
-                name, shard = hf_name, None
-                for fragment, (target, shard_id) in packed.items():
-                    if f".{fragment}." in hf_name:
-                        name, shard = hf_name.replace(fragment, target), shard_id
-                        break
-                param = params.get(name)
-                if param is None:
-                    unexpected.append(hf_name)
-                    continue
-                loader = getattr(param, "weight_loader", _default_loader)
-                loader(param, f.get_tensor(hf_name), hf_name, shard)
-                loaded[name].add(shard)
+    for hf_name, tensor in weights:
+        if tied and hf_name == "lm_head.weight":
+            continue  # tied checkpoints may still carry a copy of the embedding
+        name, shard = hf_name, None
+        for fragment, (target, shard_id) in packed.items():
+            if f".{fragment}." in hf_name:
+                name, shard = hf_name.replace(fragment, target), shard_id
+                break
+        param = params.get(name)
+        if param is None:
+            unexpected.append(hf_name)
+            continue
+        loader = getattr(param, "weight_loader", _default_loader)
+        loader(param, tensor, hf_name, shard)
+        loaded[name].add(shard)
     if unexpected:
         raise ValueError(
-            f"unexpected tensors in the checkpoint at {path!r}: {sorted(unexpected)[:8]} "
+            f"unexpected tensors in {source}: {sorted(unexpected)[:8]} "
             f"({len(unexpected)} in all): the checkpoint is not a Qwen3 model matching config.json"
         )
     # Name missing tensors as the checkpoint would (k_proj, not our packed qkv_proj).
@@ -75,18 +90,35 @@ def load_model(model: nn.Module, path: str) -> None:
     missing.sort()
     if missing:
         raise ValueError(
-            f"tensors missing from the checkpoint at {path!r}: {missing[:8]} ({len(missing)} in "
+            f"tensors missing from {source}: {missing[:8]} ({len(missing)} in "
             "all): the checkpoint is incomplete or does not match config.json"
         )
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights (``load_format="dummy"``) for benchmarks at real shapes without files."""
-    gens: dict[torch.device, torch.Generator] = {}
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-            continue
-        gen = gens.setdefault(param.device, torch.Generator(param.device).manual_seed(seed))
-        param.normal_(0, std, generator=gen)
+    """Random weights (``load_format="dummy"``) for benchmarks at real shapes without files.
+
+    Every tensor of the would-be checkpoint is drawn whole, from a generator seeded by ``seed``
+    and its name, then loaded like a real one: each tensor-parallel rank keeps its shard of the
+    same full tensor, so any ``tensor_parallel_size`` builds the same model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # names and full shapes only; no memory
+        reference = AutoModelForCausalLM.from_config(model.config)
+    shapes = [(n, p.shape) for n, p in reference.named_parameters()]
+    del reference
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in shapes:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            if name.endswith("norm.weight"):
+                yield name, t.fill_(1.0)
+                continue
+            gen = torch.Generator(device).manual_seed(seed + zlib.crc32(name.encode()))
+            yield name, t.normal_(0, std, generator=gen)
+
+    load_weights(model, tensors(), "the dummy weights")
