@@ -149,7 +149,7 @@ def test_gpu_stage_kernels_stay_on_their_partition(piped_llm):
         "attention": torch.full((4096,), -1, dtype=torch.int32, device="cuda"),
         "ffn": torch.full((4096,), -1, dtype=torch.int32, device="cuda"),
     }
-    orig_attn, orig_ffn = model.forward_attention, model.forward_ffn
+    orig_attn, orig_ffn = model.forward_attention_core, model.forward_qkv
 
     def attn(*a, **k):
         smid_probe(seen["attention"])
@@ -159,13 +159,15 @@ def test_gpu_stage_kernels_stay_on_their_partition(piped_llm):
         smid_probe(seen["ffn"])
         return orig_ffn(*a, **k)
 
-    model.forward_attention, model.forward_ffn = attn, ffn
+    model.forward_attention_core, model.forward_qkv = attn, ffn
     try:
+        pipe.graph_runner.reset()
         pipe.graph_runner.capture()
         _generate(piped_llm, mixed_prompts(16, seed=7), pipelined=True, max_tokens=4)
         torch.cuda.synchronize()
     finally:
-        model.forward_attention, model.forward_ffn = orig_attn, orig_ffn
+        del model.forward_attention_core, model.forward_qkv  # back to the class methods
+        pipe.graph_runner.reset()
         pipe.graph_runner.capture()
     a = set(seen["attention"].tolist()) - {-1}
     f = set(seen["ffn"].tolist()) - {-1}

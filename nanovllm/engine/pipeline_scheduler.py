@@ -105,10 +105,14 @@ class PipelineScheduler:
         if not cfg.enable_pipeline:
             return cls(runner, "disabled", "enable_pipeline=False")
         why = ""
-        if runner.device.type != "cuda":
+        if cfg.tensor_parallel_size > 1:
+            why = (
+                f"tensor_parallel_size={cfg.tensor_parallel_size}: the pipeline runs on "
+                "single-GPU engines only (its stages would have to own the all-reduces); every "
+                "rank decodes sequentially"
+            )
+        elif runner.device.type != "cuda":
             why = f"Green Contexts need a CUDA GPU; running on {runner.device.type}"
-        elif cfg.tensor_parallel_size > 1:
-            why = "tensor_parallel_size > 1: the pipeline runs on single-GPU engines only"
         if not why:
             from nanovllm.engine.green_manager import GreenContextManager
 

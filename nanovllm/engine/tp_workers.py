@@ -76,6 +76,12 @@ def leave_process_group(abort: bool = False) -> None:
         logger.exception("leaving the tensor-parallel process group failed")
 
 
+def cpu_threads_per_rank(world_size: int) -> int:
+    """On CPU the ranks share the cores: oversubscribed OpenMP threads spin against each other
+    (several times slower on small machines)."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 class WorkerGroup:
     """Ranks 1..N-1 of one engine; rank 0 (this process) joins the same process group."""
 
@@ -87,6 +93,9 @@ class WorkerGroup:
         self._failed = threading.Event()
         self._broken = False  # rank 0 stopped mid-step or mid-build: the ranks are out of step
         self._closed = False
+        self._saved_threads = torch.get_num_threads()  # rank 0 shares the cores too (restored)
+        if self.backend == "gloo":
+            torch.set_num_threads(cpu_threads_per_rank(n))
         self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
         self.port = self._store.port
         ctx = get_context("spawn")  # fork would copy this process's CUDA context and threads
@@ -200,6 +209,9 @@ class WorkerGroup:
             self._failed.wait(FAILURE_GRACE_S)
         failure = self._failure
         self._broken = True
+        # The frames of a broken collective hold the process group, hence the store and its
+        # port, for as long as the exception lives: drop their locals (line numbers stay).
+        traceback.clear_frames(exc.__traceback__)
         self.close()
         if failure is None or isinstance(exc, WorkerError):
             return exc
@@ -245,6 +257,7 @@ class WorkerGroup:
         for conn in (*self.conns, self._wake_r, self._wake_w):
             conn.close()
         self._store = None  # the last reference: the port is released
+        torch.set_num_threads(self._saved_threads)
         logger.info("tensor-parallel workers stopped")
 
 
@@ -265,6 +278,8 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn) -
         conn.send(("hello", rank))
         if runtime.device.type == "cuda":
             runtime.device = torch.device("cuda", rank)
+        else:
+            torch.set_num_threads(cpu_threads_per_rank(world_size))
         store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=60))
         init_process_group(rank, world_size, store, runtime.device)
         fail_at = _injected_failure(rank)
