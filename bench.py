@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-sms", type=int, help="pipeline_attention_sm_count")
     p.add_argument("--ffn-sms", type=int, help="pipeline_ffn_sm_count")
     p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (one rank each)")
     p.add_argument(
         "--hf-baseline",
         type=int,
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_common_args(p)
     args = p.parse_args(argv)
+    if args.hf_baseline and args.tensor_parallel_size > 1:
+        p.error("--hf-baseline reads rank 0's weights: use it with --tensor-parallel-size 1")
     if args.quick:
         args.shape = args.shape or "tiny"
         args.num_seqs = args.num_seqs or 8
@@ -108,6 +111,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if pipelined:
         options.update(

@@ -66,6 +66,7 @@ def piped_llm(gpu_model_06b):
         gpu_model_06b,
         enable_pipeline=True,
         pipeline_enable_profiling=True,
+        pipeline_policy="always",
         gpu_memory_utilization=0.4,
         max_num_seqs=64,
         max_model_len=1024,
@@ -126,6 +127,7 @@ def test_gpu_graph_and_eager_pipelines_agree(piped_llm, gpu_model_06b):
         gpu_model_06b,
         enable_pipeline=True,
         enforce_eager=True,
+        pipeline_policy="always",
         gpu_memory_utilization=0.2,
         max_num_seqs=64,
         max_model_len=1024,
@@ -187,3 +189,29 @@ def test_gpu_adjust_sm_allocation_recaptures(piped_llm):
     after = _generate(piped_llm, prompts, pipelined=True)
     assert sum(x == y for x, y in zip(before, after)) >= len(prompts) - 1
     pipe.adjust_sm_allocation(a0, f0)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_policy_pipelines_only_where_it_measured_faster(
+    gpu_model_06b, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
+    kw = dict(
+        enable_pipeline=True, gpu_memory_utilization=0.25, max_num_seqs=64, max_model_len=1024
+    )
+    llm = LLM(gpu_model_06b, **kw)
+    stats = llm.model_runner.get_pipeline_statistics()
+    assert stats["policy"] == "auto" and stats["buckets"]
+    for bucket, (seq_ms, pipe_ms) in stats["calibration_ms"].items():
+        assert seq_ms > 0 and pipe_ms > 0
+        assert (stats["buckets"][bucket] == "pipelined") == (pipe_ms < 0.98 * seq_ms)
+    prompts = mixed_prompts(8, seed=9)
+    out = llm.generate(prompts, GREEDY, use_tqdm=False)
+    llm.exit()
+    # A second engine of the same shape and split loads the calibration from the disk cache.
+    again = LLM(gpu_model_06b, **kw)
+    assert again.model_runner.get_pipeline_statistics()["calibration_ms"] == stats["calibration_ms"]
+    assert [o["token_ids"] for o in again.generate(prompts, GREEDY, use_tqdm=False)] == [
+        o["token_ids"] for o in out
+    ]
+    again.exit()

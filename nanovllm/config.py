@@ -33,6 +33,7 @@ class Config:
     pipeline_ffn_sm_count: int | None = None
     pipeline_enable_profiling: bool = False
     pipeline_num_microbatches: int = 2
+    pipeline_policy: str = "auto"
 
     def __post_init__(self):
         def bad(name, fix):
@@ -93,6 +94,12 @@ class Config:
         ):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "use True or False")
+        if self.pipeline_policy not in ("auto", "always"):
+            bad(
+                "pipeline_policy",
+                'use "auto" (pipeline only the batch sizes where calibration shows it pays) or '
+                '"always"',
+            )
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:
             bad("pipeline_num_microbatches", "use 2 or more (the pipeline overlaps micro-batches)")

@@ -85,7 +85,8 @@ def test_greedy_tokens_match_transformers(llm, gpu_model_06b):
 @torch.inference_mode()
 def test_cuda_graph_decode_equals_eager(llm):
     """One decode step of 13 sequences (a padded bucket) through the captured graph and
-    eagerly: the same hidden states within bf16 rounding (the bucket's GEMM shape differs)."""
+    eagerly: the same hidden states within bf16 rounding (the padded bucket's GEMMs have
+    another shape, so cuBLAS may round differently)."""
     from nanovllm.engine.model_inputs import prepare_decode
     from nanovllm.engine.scheduler import ScheduledBatch
     from nanovllm.engine.sequence import Sequence
@@ -102,6 +103,7 @@ def test_cuda_graph_decode_equals_eager(llm):
     inputs = prepare_decode(batch, bs, runner.device)
     graph = runner.graph_runner.run(inputs).clone()
     eager = runner.model(inputs.input_ids, inputs.positions, inputs.meta)
-    torch.testing.assert_close(graph.float(), eager.float(), rtol=0.05, atol=0.05)
+    diff = (graph.float() - eager.float()).norm(dim=-1) / eager.float().norm(dim=-1)
+    assert float(diff.max()) < 0.02, diff  # a few bf16 ulps after 28 layers, per row
     for seq in batch.seqs:
         llm.scheduler.block_manager.deallocate(seq)

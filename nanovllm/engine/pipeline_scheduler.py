@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from nanovllm.engine import pipeline_policy as policy_lib
 from nanovllm.engine.cuda_graph import DecodeGraphRunner
 from nanovllm.engine.model_inputs import ModelInputs
 from nanovllm.engine.pipeline_stats import PipelineStats, StageTimers, format_table
@@ -74,6 +75,8 @@ class PipelineScheduler:
         self.active = mode == "green"
         self.stats = PipelineStats(cfg.pipeline_enable_profiling and self.active)
         self.graph_runner: DecodeGraphRunner | None = None
+        self.policy_mode = cfg.pipeline_policy
+        self.policy: policy_lib.PipelinePolicy | None = None
         if not self.active:
             return
         hf, rows = runner.runtime.hf_config, cfg.max_num_seqs
@@ -98,6 +101,7 @@ class PipelineScheduler:
                 self.step, runner.decode_buffers, cfg.max_num_seqs, "pipelined"
             )
             self.graph_runner.capture()
+        self.policy = self._calibrate()
 
     @classmethod
     def create(cls, runner) -> PipelineScheduler:
@@ -192,20 +196,28 @@ class PipelineScheduler:
 
     def run(self, inputs: ModelInputs) -> torch.Tensor:
         n = inputs.input_ids.shape[0]
-        if n < 2:  # nothing to overlap
+        if self._graph_generation != self.green.generation:  # re-partitioned since capture
+            if self.graph_runner is not None:
+                self.graph_runner.capture()
+            self._graph_generation = self.green.generation
+            self.policy = self._calibrate()
+        bucket = self.graph_runner.bucket(n) if self.graph_runner is not None else n
+        if n < 2 or self.bucket_mode(bucket) == "sequential":
             self.stats.sequential_steps += 1
             return self._sequential(inputs)
-        if self.graph_runner is not None:
-            if self._graph_generation != self.green.generation:
-                self.graph_runner.capture()
-                self._graph_generation = self.green.generation
-            hidden = self.graph_runner.run(inputs)
-            bs = self.graph_runner.bucket(n)
-        else:
-            hidden = self.step(inputs.input_ids, inputs.positions, inputs.meta)
-            bs = n
-        self.stats.record(n, self.timers.get(bs))
+        hidden = self._pipelined(inputs)
+        self.stats.record(n, self.timers.get(bucket))
         return hidden
+
+    def bucket_mode(self, bucket: int) -> str:
+        if self.policy_mode == "always" or self.policy is None:
+            return "pipelined"
+        return self.policy.mode(bucket)
+
+    def _pipelined(self, inputs: ModelInputs) -> torch.Tensor:
+        if self.graph_runner is not None:
+            return self.graph_runner.run(inputs)
+        return self.step(inputs.input_ids, inputs.positions, inputs.meta)
 
     def _sequential(self, inputs: ModelInputs) -> torch.Tensor:
         runner = self.runner
@@ -213,12 +225,35 @@ class PipelineScheduler:
             return runner.graph_runner.run(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
+    def _calibrate(self) -> policy_lib.PipelinePolicy | None:
+        if self.policy_mode != "auto" or self.runner.device.type != "cuda":
+            return None  # "always", or a serial emulation without CUDA timing
+        profiling, self.stats.profiling = self.stats.profiling, False  # no stage timers
+        try:
+            return policy_lib.calibrate(self)
+        finally:
+            self.stats.profiling = profiling
+
     # ------------------------------------------------------------------ control
     def adjust_sm_allocation(self, attention_sm_count: int, ffn_sm_count: int) -> tuple[int, int]:
         """Re-partition the SMs; the pipelined graphs are re-captured at the next step."""
         if not self.active:
             raise RuntimeError(f"the decode pipeline is not active: {self.reason}")
         return self.green.adjust_sm_allocation(attention_sm_count, ffn_sm_count)
+
+    def rebalance(self, step_sms: int = 8) -> tuple[int, int]:
+        """Move ``step_sms`` SMs towards the stage that took longer on average (profiling must be
+        on); the graphs and the policy are redone at the next step. Returns the new split."""
+        stats = self.stats.as_dict()
+        if not self.active or "step_ms" not in stats:
+            raise RuntimeError("rebalance needs an active pipeline with pipeline_enable_profiling")
+        a, f = stats["attention_stage_ms"]["mean"], stats["ffn_stage_ms"]["mean"]
+        attn, ffn = self.green.attention_sms, self.green.ffn_sms
+        if a > 1.1 * f and ffn - step_sms >= 8:
+            return self.adjust_sm_allocation(attn + step_sms, ffn - step_sms)
+        if f > 1.1 * a and attn - step_sms >= 8:
+            return self.adjust_sm_allocation(attn - step_sms, ffn + step_sms)
+        return attn, ffn
 
     def _on_repartition(self, green) -> None:
         if self.graph_runner is not None:
@@ -237,7 +272,13 @@ class PipelineScheduler:
             "total_sms": g.total_sms if self.active else 0,
             "num_microbatches": self.num_microbatches,
             "cuda_graphs": self.graph_runner is not None,
+            "policy": self.policy_mode,
         }
+        if self.policy is not None:
+            stats["buckets"] = {b: v["mode"] for b, v in self.policy.measured.items()}
+            stats["calibration_ms"] = {
+                b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in self.policy.measured.items()
+            }
         stats.update(self.stats.as_dict())
         return stats
 

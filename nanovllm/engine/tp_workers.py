@@ -41,6 +41,11 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.engine.model_inputs import StepPlan
+from nanovllm.utils.distributed import (
+    cpu_threads_per_rank,
+    init_process_group,
+    leave_process_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,33 +58,6 @@ FAIL_ENV = "NANOVLLM_TP_FAIL_AT"
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker failed; the message holds its traceback."""
-
-
-def init_process_group(rank: int, world_size: int, store, device: torch.device) -> None:
-    if device.type == "cuda":
-        dist.init_process_group(
-            "nccl", store=store, rank=rank, world_size=world_size, device_id=device
-        )
-    else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-
-
-def leave_process_group(abort: bool = False) -> None:
-    if not dist.is_initialized():
-        return
-    try:
-        if abort and dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()  # in-flight collectives may never end
-        else:
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - leaving must not mask the error being handled
-        logger.exception("leaving the tensor-parallel process group failed")
-
-
-def cpu_threads_per_rank(world_size: int) -> int:
-    """On CPU the ranks share the cores: oversubscribed OpenMP threads spin against each other
-    (several times slower on small machines)."""
-    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 class WorkerGroup:
@@ -99,6 +77,7 @@ class WorkerGroup:
         self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
         self.port = self._store.port
         ctx = get_context("spawn")  # fork would copy this process's CUDA context and threads
+        log_level = logging.getLogger("nanovllm").getEffectiveLevel()
         self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
         self.conns, self.processes = [], []
         try:
@@ -106,7 +85,7 @@ class WorkerGroup:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker_main,
-                    args=(rank, n, self.port, config, runtime, child),
+                    args=(rank, n, self.port, config, runtime, child, log_level),
                     name=f"nanovllm-tp{rank}",
                     daemon=True,  # never outlives this interpreter
                 )
@@ -118,8 +97,12 @@ class WorkerGroup:
             self._monitor = threading.Thread(target=self._watch, name="nanovllm-tp-monitor")
             self._monitor.daemon = True
             self._monitor.start()
+            # init_process_group wraps sys.excepthook (a "[rank0]:" prefix); undone in close().
+            self._excepthooks = sys.excepthook, None
             init_process_group(0, n, self._store, self.device)
+            self._excepthooks = self._excepthooks[0], sys.excepthook
         except BaseException:
+            self._broken = True  # workers may be waiting for a rendezvous that never comes
             self.close()
             raise
         logger.info("tensor parallel: %d ranks over %s, store port %d", n, self.backend, self.port)
@@ -138,21 +121,23 @@ class WorkerGroup:
                     f"{START_TIMEOUT_S} s"
                 )
             for obj in ready:
-                if obj in pending:
-                    try:
-                        obj.recv()  # "hello"
-                    except EOFError:
-                        continue  # it died: its sentinel says so
-                    sentinels.pop(self.processes[pending.pop(obj) - 1].sentinel)
-                elif obj in sentinels:
-                    rank = sentinels[obj]
-                    code = self.processes[rank - 1].exitcode
+                rank = pending.get(obj) or sentinels.get(obj)
+                if rank is None:
+                    continue  # the sentinel of a worker whose hello came in this round
+                try:
+                    if obj not in pending:
+                        raise EOFError
+                    obj.recv()  # "hello"
+                except EOFError:
+                    p = self.processes[rank - 1]
+                    p.join(5)
                     raise RuntimeError(
-                        f"tensor-parallel worker rank {rank} exited with code {code} while "
-                        "starting (its output is above). Workers are started with "
+                        f"tensor-parallel worker rank {rank} exited with code {p.exitcode} "
+                        "while starting (its output is above). Workers are started with "
                         "multiprocessing's spawn, which re-imports your main module: create the "
                         'LLM under `if __name__ == "__main__":`'
-                    )
+                    ) from None
+                del pending[obj], sentinels[self.processes[rank - 1].sentinel]
 
     # ------------------------------------------------------------------ failures
     def _watch(self) -> None:
@@ -192,18 +177,20 @@ class WorkerGroup:
                 logger.exception("aborting the NCCL process group failed")
 
     def check(self) -> None:
-        """Raise if a worker failed or the group is shut down."""
+        """Raise if the group is shut down or a worker failed."""
+        if self._closed:
+            why = "a rank failed earlier" if self._failure else "exit() was called"
+            raise RuntimeError(
+                f"the tensor-parallel workers are shut down ({why}): create a new LLM"
+            )
         if self._failure is not None:
             raise WorkerError(self._failure)
-        if self._closed:
-            raise RuntimeError(
-                "the tensor-parallel workers are shut down (after exit() or an earlier "
-                "failure): create a new LLM"
-            )
 
     def failure_for(self, exc: BaseException) -> BaseException:
         """Rank 0 was interrupted mid-step or mid-build by ``exc``: the ranks are out of step,
         so shut the group down. Returns what to raise: the worker's failure if one caused it."""
+        if self._closed:
+            return exc
         if isinstance(exc, Exception) and not isinstance(exc, WorkerError):
             # A worker's error may arrive just after rank 0's collective broke on it.
             self._failed.wait(FAILURE_GRACE_S)
@@ -257,6 +244,9 @@ class WorkerGroup:
         for conn in (*self.conns, self._wake_r, self._wake_w):
             conn.close()
         self._store = None  # the last reference: the port is released
+        ours, wrapped = getattr(self, "_excepthooks", (None, None))
+        if wrapped is not None and sys.excepthook is wrapped:
+            sys.excepthook = ours
         torch.set_num_threads(self._saved_threads)
         logger.info("tensor-parallel workers stopped")
 
@@ -269,9 +259,11 @@ def _injected_failure(rank: int) -> int | None:
     return step if fail_rank == rank else None
 
 
-def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn) -> None:
+def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, log_level) -> None:
     """Rank ``rank``: join the group, build the model, then run every plan rank 0 sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops us
+    fmt = f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=log_level, format=fmt)
     from nanovllm.engine.model_runner import ModelRunner
 
     try:
@@ -280,7 +272,8 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn) -
             runtime.device = torch.device("cuda", rank)
         else:
             torch.set_num_threads(cpu_threads_per_rank(world_size))
-        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=60))
+        wait = timedelta(seconds=START_TIMEOUT_S)  # rank 0 joins once every worker said hello
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=wait)
         init_process_group(rank, world_size, store, runtime.device)
         fail_at = _injected_failure(rank)
         if fail_at == 0:

@@ -6,6 +6,7 @@ surfaces here with its traceback, and nothing is left behind (processes, port, p
 so the next engine starts; Ctrl-C is rank 0's to handle; bad sizes are clear ValueErrors.
 """
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -80,8 +81,23 @@ def test_ranks_stay_in_step_under_preemption_chunking_and_prefix_hits(tiny_model
     assert tokens(llm, prompts) == expected
     assert llm.scheduler.num_preemptions > 0
     assert tokens(llm, prompts) == expected  # again: prefix-cache hits
+    port = llm.model_runner.workers.port
+    del llm  # garbage collection stops the workers too
+    gc.collect()
+    assert not multiprocessing.active_children() and not dist.is_initialized()
+    assert port_is_free(port)
+
+
+def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, reference):
+    # The GPU test compares TP=2 with TP=1 on dummy weights: each rank must keep its shard of
+    # the same full tensors.
+    prompts, _ = reference
+    one = llm_of(tiny_model, tp=1, load_format="dummy")
+    expected = tokens(one, prompts)
+    one.exit()
+    llm = llm_of(tiny_model, load_format="dummy")
+    assert tokens(llm, prompts) == expected
     llm.exit()
-    assert_nothing_left(llm)
 
 
 def test_worker_failure_surfaces_with_traceback_and_cleans_up(tiny_model, reference, monkeypatch):

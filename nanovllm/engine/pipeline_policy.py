@@ -1,0 +1,189 @@
+"""When to pipeline: a short start-up calibration per decode batch bucket, cached on disk.
+
+The pipelined step reads every weight once per micro-batch and pays for event hand-offs; it only
+wins where the FFN GEMMs are compute-bound and attention is comparable in time (DESIGN.md,
+section 4). Rather than guess, the scheduler times both captured steps on synthetic sequences
+and pipelines a bucket only where that is measurably faster. Synthetic steps write no K/V
+(slot -1) and read arbitrary cache blocks, so calibration never changes the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.engine.cuda_graph import graph_buckets
+from nanovllm.engine.model_inputs import ModelInputs
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_CONTEXT = 1024  # tokens per synthetic sequence (at most max_model_len / 2)
+MARGIN = 0.02  # pipeline only when at least 2% faster: noise must not flip a bucket
+REPS = 5
+
+
+def calibration_buckets(buckets: list[int]) -> list[int]:
+    """Powers of two and the largest bucket; other buckets follow the nearest smaller one."""
+    chosen = [b for b in buckets if b >= 2 and b & (b - 1) == 0]
+    return sorted(set(chosen) | {buckets[-1]} if buckets[-1] >= 2 else set(chosen))
+
+
+def synthetic_decode(rows: int, context: int, block_size: int, num_blocks: int, device):
+    """Decode inputs for ``rows`` sequences of ``context`` tokens over distinct cache blocks
+    (wrapping around when the cache is smaller)."""
+    per_seq = -(-context // block_size)
+    table = torch.arange(rows * per_seq, device=device, dtype=torch.int32) % num_blocks
+    meta = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=torch.full((rows,), -1, dtype=torch.int32, device=device),
+        context_lens=torch.full((rows,), context, dtype=torch.int32, device=device),
+        block_tables=table.view(rows, per_seq),
+    )
+    return ModelInputs(
+        input_ids=torch.zeros(rows, dtype=torch.int64, device=device),
+        positions=torch.full((rows,), context - 1, dtype=torch.int64, device=device),
+        meta=meta,
+        logits_indices=torch.arange(rows, device=device),
+        sampling_rows=list(range(rows)),
+    )
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure(
+    sequential: Callable[[ModelInputs], object],
+    pipelined: Callable[[ModelInputs], object],
+    inputs: ModelInputs,
+) -> tuple[float, float]:
+    """Median ms of both steps on the same inputs, interleaved after a warm-up."""
+    sequential(inputs), pipelined(inputs)
+    seq, pipe = [], []
+    for _ in range(REPS):
+        seq.append(_time(lambda: sequential(inputs)))
+        pipe.append(_time(lambda: pipelined(inputs)))
+    return statistics.median(seq), statistics.median(pipe)
+
+
+def cache_key(runner, attention_sms: int, ffn_sms: int, num_microbatches: int, context: int):
+    hf, cfg = runner.runtime.hf_config, runner.config
+    parts = [
+        torch.cuda.get_device_name(runner.device),
+        torch.__version__,
+        runner.backend.name,
+        str(runner.dtype),
+        *(
+            str(getattr(hf, k, None))
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+            )
+        ),
+        f"sms={attention_sms},{ffn_sms}",
+        f"m={num_microbatches}",
+        f"ctx={context}",
+        f"graphs={runner.graph_runner is not None}",
+        f"max_num_seqs={cfg.max_num_seqs}",
+    ]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], parts
+
+
+def cache_path() -> str:
+    root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "nanovllm", "pipeline_calibration.json")
+
+
+def load_cached(key: str) -> dict | None:
+    try:
+        with open(cache_path()) as f:
+            entry = json.load(f).get(key)
+    except (OSError, ValueError):
+        return None
+    return {int(b): v for b, v in entry["buckets"].items()} if entry else None
+
+
+def store_cached(key: str, parts: list[str], buckets: dict[int, dict]) -> None:
+    path = cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table[key] = {"describes": parts, "buckets": {str(b): v for b, v in buckets.items()}}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(tmp, path)
+
+
+class PipelinePolicy:
+    """Maps a batch bucket to "pipelined" or "sequential"."""
+
+    def __init__(self, measured: dict[int, dict]):
+        self.measured = dict(sorted(measured.items()))
+
+    def mode(self, bucket: int) -> str:
+        below = [b for b in self.measured if b <= bucket]
+        return self.measured[below[-1]]["mode"] if below else "sequential"
+
+    def modes(self, buckets: list[int]) -> dict[int, str]:
+        return {b: self.mode(b) for b in buckets}
+
+
+def decide(seq_ms: float, pipe_ms: float) -> str:
+    return "pipelined" if pipe_ms < seq_ms * (1 - MARGIN) else "sequential"
+
+
+@torch.inference_mode()
+def calibrate(pipe) -> PipelinePolicy:
+    """Time ``pipe``'s sequential and pipelined steps per bucket, or load the cached result."""
+    runner, g = pipe.runner, pipe.green
+    context = min(runner.runtime.max_model_len // 2, CALIBRATION_CONTEXT)
+    key, parts = cache_key(runner, g.attention_sms, g.ffn_sms, pipe.num_microbatches, context)
+    measured, source = load_cached(key), "cached"
+    if measured is None:
+        measured, source = {}, "measured"
+        for bucket in calibration_buckets(graph_buckets(runner.config.max_num_seqs)):
+            inputs = synthetic_decode(
+                bucket,
+                context,
+                runner.block_size,
+                runner.runtime.num_kvcache_blocks,
+                runner.device,
+            )
+            seq_ms, pipe_ms = measure(pipe._sequential, pipe._pipelined, inputs)
+            mode = decide(seq_ms, pipe_ms)
+            measured[bucket] = {"mode": mode, "sequential_ms": seq_ms, "pipelined_ms": pipe_ms}
+        store_cached(key, parts, measured)
+    policy = PipelinePolicy(measured)
+    piped = [b for b, v in policy.measured.items() if v["mode"] == "pipelined"]
+    logger.info(
+        "pipeline policy (%s, context %d): pipelined from buckets %s, sequential elsewhere "
+        "(sequential/pipelined ms per bucket: %s)",
+        source,
+        context,
+        piped or "none",
+        {
+            b: (round(v["sequential_ms"], 3), round(v["pipelined_ms"], 3))
+            for b, v in policy.measured.items()
+        },
+    )
+    return policy
