@@ -22,9 +22,15 @@ def test_microbatch_bounds_cover_rows():
 
 def test_cpu_pipeline_falls_back_with_reason_and_same_tokens(tiny_model):
     prompts = mixed_prompts(4, lo=3, hi=40)
-    plain = LLM(tiny_model, kvcache_block_size=16).generate(prompts, GREEDY, use_tqdm=False)
+    plain = LLM(tiny_model, device="cpu", kvcache_block_size=16).generate(
+        prompts, GREEDY, use_tqdm=False
+    )
     llm = LLM(
-        tiny_model, kvcache_block_size=16, enable_pipeline=True, pipeline_enable_profiling=True
+        tiny_model,
+        device="cpu",
+        kvcache_block_size=16,
+        enable_pipeline=True,
+        pipeline_enable_profiling=True,
     )
     piped = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in piped] == [o["token_ids"] for o in plain]

@@ -39,7 +39,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the last token of each sequence; rank 0 gathers the vocabulary slices."""
+    """Logits for the last token of each sequence; the vocabulary slices are all-gathered (an
+    all_gather keeps every rank in the same collective; only rank 0 samples)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states, self.weight)

@@ -29,6 +29,13 @@ GPU = torch.device("cuda")
 CPU = torch.device("cpu")
 
 
+# The *_cpu tests run the kernels on CPU tensors in Triton's interpreter (CI); on a GPU machine
+# the interpreter is off and the gpu-marked tests below cover the same kernels on the device.
+interpreter = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter test: the gpu-marked tests cover this on a GPU"
+)
+
+
 def split_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, gen):
     """q/k/v as strided views of one fused projection output, as the model produces them."""
     width = (num_heads + 2 * num_kv_heads) * head_dim
@@ -137,6 +144,7 @@ def prefill_case(len_q, prefix, num_kv_heads, group, head_dim, block_size, dtype
 # ------------------------------------------------------------------------------------------
 
 
+@interpreter
 def test_store_kvcache_cpu():
     gen = torch.Generator().manual_seed(0)
     num_tokens, num_heads, num_kv_heads, head_dim, block_size = 7, 4, 2, 16, 16
@@ -151,6 +159,7 @@ def test_store_kvcache_cpu():
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
 
 
+@interpreter
 def test_store_kvcache_empty_cache_is_noop_cpu():
     k = torch.randn(3, 2, 16)
     TRITON.store_kvcache(
@@ -158,6 +167,7 @@ def test_store_kvcache_empty_cache_is_noop_cpu():
     )
 
 
+@interpreter
 @pytest.mark.parametrize(
     "block_size,group,num_splits,block_n,prefetch",
     [
@@ -186,6 +196,7 @@ def test_decode_cpu(block_size, group, num_splits, block_n, prefetch):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@interpreter
 def test_decode_backend_and_micro_batch_slice_cpu():
     lens = [3, 50, 17, 0, 33]
     q, k_cache, v_cache, meta = decode_case(lens, 1, 2, 32, 16, torch.float32, CPU, seed=3)
@@ -195,6 +206,7 @@ def test_decode_backend_and_micro_batch_slice_cpu():
     assert_close(TRITON.decode(q[1:4], k_cache, v_cache, sub, 0.2), ref[1:4], atol=1e-5)
 
 
+@interpreter
 def test_decode_default_splits_cpu():
     """A table wide enough (like max_model_len) for the shape-based choice to pick 2 splits."""
     lens = [300, 0, 45]
@@ -220,6 +232,7 @@ def test_choose_num_splits():
         assert 1 <= n <= MAX_SPLITS and n & (n - 1) == 0
 
 
+@interpreter
 @pytest.mark.parametrize(
     "paged,group,len_q,prefix",
     [
