@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import gc
@@ -138,10 +137,10 @@ def build_engine(path: str, device: torch.device, dummy: bool = True, **options)
 
 
 def release_engine(llm) -> None:
-    """Close ``llm`` and drop the reference its ``atexit`` hook holds (without this, ``del llm``
-    frees nothing). The caller then drops its own references and calls ``free_memory()``."""
+    """Close ``llm`` now: its GPU memory and, with tensor parallelism, its worker processes (the
+    engine's ``weakref.finalize`` runs once, holding no reference to it). The caller then drops
+    its own references and calls ``free_memory()``."""
     llm.exit()
-    atexit.unregister(llm.exit)
 
 
 def free_memory() -> None:

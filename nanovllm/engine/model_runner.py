@@ -24,7 +24,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.compile import enable_fusion
-from nanovllm.utils.distributed import tensor_parallel
+from nanovllm.utils.distributed import synchronize_within, tensor_parallel
 from nanovllm.utils.loader import init_dummy_weights, load_model
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class ModelRunner:
         self.world_size = config.tensor_parallel_size
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.workers = workers
+        self.graph_runner = self.pipeline = None
+        if workers is not None:
+            # Also when the build fails midway: a graph captured so far holds its all-reduces.
+            workers.before_leave = self.release_graphs
         hf = runtime.hf_config
         baseline_reserved = 0
         if self.device.type == "cuda":
@@ -105,7 +109,7 @@ class ModelRunner:
         runtime.cuda_graphs = use_graphs
         self.pipeline = self._make_pipeline()
         if self.workers is not None:
-            self.workers.check()  # an NCCL abort after a worker failure can let a build "finish"
+            self.workers.end_step()  # an NCCL abort after a worker failure lets a build "finish"
 
     def _agree_on_num_blocks(self, num_blocks: int) -> int:
         """Every rank's scheduler decisions are rank 0's, so every rank must hold at least the
@@ -173,7 +177,7 @@ class ModelRunner:
         try:
             self.workers.send(plan)  # first: the workers' forward overlaps rank 0's
             tokens = self._sample(batch, plan, self.execute(plan))
-            self.workers.check()  # after _sample's host sync: the step really completed
+            self.workers.end_step()  # after _sample's host sync: the step really completed
             return tokens
         except BaseException as e:
             raise self.workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
@@ -194,22 +198,36 @@ class ModelRunner:
     def print_pipeline_statistics(self) -> None:
         self.pipeline.print_statistics()
 
-    def close(self) -> None:
-        """Release the partitions, graphs, KV cache and weights (the runner is unusable after).
-        Rank 0 stops the other ranks first: a rank stopped mid-step may leave this GPU's stream
-        waiting on a collective, which the synchronisations below would wait for."""
-        if self.workers is not None:
-            self.workers.close()
+    def release_graphs(self) -> None:
+        """Destroy the CUDA graphs (and the pipeline's). With tensor parallelism they contain NCCL
+        all-reduces, and NCCL's finalize or abort of the communicator waits, without a time
+        limit, until every such graph is gone: every rank calls this before leaving the group."""
         if self.pipeline is not None:
             self.pipeline.close()
         if self.graph_runner is not None:
             self.graph_runner.reset()
-        self.graph_runner = self.decode_buffers = None
+        self.graph_runner = None
+
+    def close(self) -> bool:
+        """Release the partitions, graphs, KV cache and weights (the runner is unusable after).
+        Rank 0 stops the other ranks first (``WorkerGroup.close`` calls ``release_graphs``
+        before it leaves the group): a rank stopped mid-step may leave this GPU's stream waiting
+        on a collective, which the synchronisation below would wait for. Returns False if this
+        GPU did not go idle (tensor-parallel only: the wait is bounded there)."""
+        if self.workers is not None:
+            self.workers.close()
+        self.release_graphs()
+        self.decode_buffers = None
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.k_cache = module.v_cache = torch.tensor([])
         self.kv_cache = None
         self.model = self.model.to("meta")
-        if self.device.type == "cuda":
+        if self.device.type != "cuda":
+            return True
+        if self.world_size == 1:
             torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        elif not synchronize_within(self.device):
+            return False  # no empty_cache: its cudaFree would wait for that stream too
+        torch.cuda.empty_cache()
+        return True

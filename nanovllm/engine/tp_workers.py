@@ -14,19 +14,30 @@ Who waits for whom:
   are the synchronisation, and the plan fixes prefill/decode and the rows for every rank.
 - A failure. A worker that raises sends its traceback and exits at once (a peer may be waiting for
   it inside a collective). A monitor thread in rank 0 waits on the pipes and the processes'
-  sentinels, records the first failure and, on NCCL, aborts the process group so that rank 0's
-  pending collectives return instead of hanging (gloo ones fail by themselves when the worker's
-  sockets close). Rank 0 raises a ``WorkerError`` with the worker's traceback and shuts down.
+  sentinels, records the first failure and, on NCCL, aborts the process group if rank 0 may be
+  inside a collective (building, or in a step), so that its pending collectives return instead
+  of hanging (gloo ones fail by themselves when the worker's sockets close); an idle rank 0
+  learns of it at its next step. Rank 0 raises a ``WorkerError`` with the worker's traceback and
+  shuts down.
 - Shut-down (``LLM.exit()``, garbage collection, an error, Ctrl-C). A healthy group gets a
-  ``None`` plan (the workers leave their loops, free memory and leave the process group while
-  rank 0 leaves it too); a group stopped mid-step is aborted and its workers terminated. Workers
-  are joined, the store (and its port) released, so a new engine can start in this process.
-  Workers ignore SIGINT: Ctrl-C reaches rank 0, which stops them.
+  ``None`` plan: every rank then destroys its CUDA graphs *before* it leaves the process group,
+  because NCCL's finalize (``destroy_process_group``) and abort wait, with no time limit, until
+  every graph that captured a collective on the communicator is gone (rank 0 used to leave
+  first and free its graphs after: it hung there, every time). Rank 0 also checks that its GPU
+  is idle; if not (a peer stopped mid-step), or the group was stopped mid-step, it aborts the
+  group instead and terminates the workers. Every blocking step has a deadline (below) and what
+  had to be forced is logged; the workers are joined, then SIGTERM, then SIGKILL; the store (and
+  its port) is released, so a new engine can start in this process. Worst case for ``close()``:
+  SYNC_TIMEOUT_S + LEAVE_TIMEOUT_S + EXIT_TIMEOUT_S + 2 * SIGNAL_TIMEOUT_S + MONITOR_TIMEOUT_S
+  (70 s), all of it only when every step is stuck; a healthy shut-down takes a second or two.
+  Workers ignore SIGINT (Ctrl-C reaches rank 0, which stops them) and exit by themselves when
+  rank 0's process is gone, so a killed rank 0 leaves no process holding a GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -45,15 +56,22 @@ from nanovllm.utils.distributed import (
     cpu_threads_per_rank,
     init_process_group,
     leave_process_group,
+    synchronize_within,
 )
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600  # spawn + imports of every worker
-EXIT_TIMEOUT_S = 30  # a healthy worker frees its memory and leaves the group
+# A healthy worker frees its graphs and memory (SYNC_TIMEOUT_S at most), leaves the group
+# (LEAVE_TIMEOUT_S at most) and exits: it is done before rank 0 stops waiting for it.
+EXIT_TIMEOUT_S = 30
+SIGNAL_TIMEOUT_S = 5  # how long rank 0 waits for a worker after SIGTERM, and again after SIGKILL
+MONITOR_TIMEOUT_S = 5  # the monitor thread may be inside an NCCL abort: it is a daemon
 FAILURE_GRACE_S = 3  # how long rank 0 waits for a worker's traceback after its own error
 # Test hook: "RANK:STEP" makes worker RANK raise at its STEP-th step (0: before its model is built).
 FAIL_ENV = "NANOVLLM_TP_FAIL_AT"
+# Test hook: "RANK" makes worker RANK ignore SIGTERM and never leave when told to shut down.
+HANG_ENV = "NANOVLLM_TP_HANG_AT_EXIT"
 
 
 class WorkerError(RuntimeError):
@@ -71,6 +89,13 @@ class WorkerGroup:
         self._failed = threading.Event()
         self._broken = False  # rank 0 stopped mid-step or mid-build: the ranks are out of step
         self._closed = False
+        # Rank 0 may be inside a collective (the build, or a step until end_step()): only then
+        # does a worker failure need an NCCL abort. Idle, the next send() raises instead, and an
+        # abort would only sit in the monitor thread until rank 0 drops its CUDA graphs.
+        self._busy = True
+        # Set by rank 0's ModelRunner: drops its CUDA graphs, which hold the collectives captured
+        # in them; called before rank 0 leaves the group (see the module's docstring).
+        self.before_leave = None
         self._saved_threads = torch.get_num_threads()  # rank 0 shares the cores too (restored)
         if self.backend == "gloo":
             torch.set_num_threads(cpu_threads_per_rank(n))
@@ -168,9 +193,9 @@ class WorkerGroup:
     def _record(self, text: str) -> None:
         if self._failure is not None or self._closed:
             return  # the first failure is the cause; later ones are its echoes
-        self._failure = text
+        self._failure = text  # before reading _busy; send() writes _busy before reading this
         self._failed.set()
-        if self.backend == "nccl" and dist.is_initialized():
+        if self.backend == "nccl" and self._busy and dist.is_initialized():
             try:  # rank 0 may be blocked on a collective this worker will never join
                 dist.group.WORLD.abort()
             except Exception:  # noqa: BLE001
@@ -207,8 +232,14 @@ class WorkerGroup:
         return err
 
     # ------------------------------------------------------------------ steps
+    def end_step(self) -> None:
+        """Rank 0 is out of the step's (or the build's) collectives: raise if a worker failed."""
+        self._busy = False
+        self.check()
+
     def send(self, plan: StepPlan) -> None:
-        """Give every worker this step (pickled once)."""
+        """Give every worker this step (pickled once); rank 0 then runs it, and end_step()."""
+        self._busy = True  # before check(): a failure recorded meanwhile is seen or aborts
         self.check()
         data = ForkingPickler.dumps(plan)
         for conn in self.conns:
@@ -216,31 +247,49 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ shut-down
     def close(self) -> None:
+        """Stop the workers and leave the process group; returns within the worst case of the
+        module's docstring whatever the workers, NCCL or the GPU do, and logs what it forced."""
         if self._closed:
             return
         healthy = self._failure is None and not self._broken
         self._closed = True
+        start = time.monotonic()
         if healthy:
             for conn in self.conns:
                 try:
-                    conn.send(None)  # idle workers leave their loop
+                    conn.send(None)  # idle workers leave their loop (a few bytes: never blocks)
                 except OSError:
                     pass
-        # Rank 0 leaves concurrently with healthy workers (NCCL tear-down may pair up); a worker
-        # stuck in a collective fails on gloo once we leave, and is terminated below anyway.
+        # 1. Rank 0's CUDA graphs hold NCCL collectives: finalize and abort wait until they die.
+        release, self.before_leave = self.before_leave, None
+        if release is not None:
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - shut-down goes on
+                logger.exception("releasing rank 0's CUDA graphs failed")
+        # 2. A graceful finalize also waits for rank 0's pending collectives: if the GPU does not
+        # go idle, a peer stopped mid-step and only an abort ends them.
+        if healthy and self.backend == "nccl" and not synchronize_within(self.device):
+            logger.warning("tensor-parallel shut-down forced: rank 0's GPU is not idle: abort")
+            healthy = False
+        # 3. Leave, concurrently with healthy workers (nothing in it pairs up between ranks); a
+        # worker stuck in a collective fails on gloo once we leave, and is terminated below.
         leave_process_group(abort=not healthy)
-        deadline = time.monotonic() + (EXIT_TIMEOUT_S if healthy else 0)
-        for p in self.processes:
-            p.join(max(deadline - time.monotonic(), 0))
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        self._wake_w.send(None)
-        if getattr(self, "_monitor", None) is not None:
-            self._monitor.join()
+        # 4. Workers: a healthy one exits by itself; then SIGTERM, then SIGKILL, each bounded.
+        self._stop_workers(EXIT_TIMEOUT_S if healthy else 0, healthy)
+        try:
+            self._wake_w.send(None)
+        except OSError:
+            pass
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.join(MONITOR_TIMEOUT_S)
+            if monitor.is_alive():
+                logger.error(
+                    "tensor-parallel shut-down forced: the monitor thread did not stop within "
+                    "%d s (blocked in an NCCL abort?); left behind as a daemon",
+                    MONITOR_TIMEOUT_S,
+                )
         for conn in (*self.conns, self._wake_r, self._wake_w):
             conn.close()
         self._store = None  # the last reference: the port is released
@@ -248,7 +297,40 @@ class WorkerGroup:
         if wrapped is not None and sys.excepthook is wrapped:
             sys.excepthook = ours
         torch.set_num_threads(self._saved_threads)
-        logger.info("tensor-parallel workers stopped")
+        logger.info("tensor-parallel workers stopped in %.1f s", time.monotonic() - start)
+
+    def _stop_workers(self, grace_s: float, healthy: bool) -> None:
+        def wait(deadline: float) -> list:
+            for p in self.processes:
+                p.join(max(deadline - time.monotonic(), 0))
+            return [p for p in self.processes if p.is_alive()]
+
+        alive = wait(time.monotonic() + grace_s)
+        for how, timeout in (("terminate", SIGNAL_TIMEOUT_S), ("kill", SIGNAL_TIMEOUT_S)):
+            if not alive:
+                break
+            if healthy or how == "kill":  # a broken group's workers are expected to need SIGTERM
+                logger.warning(
+                    "tensor-parallel shut-down forced: %s did not exit within %d s: %s",
+                    ", ".join(p.name for p in alive),
+                    grace_s,
+                    how,
+                )
+            for p in alive:
+                getattr(p, how)()
+            alive = wait(time.monotonic() + timeout)
+            grace_s += timeout
+        for p in alive:
+            logger.error(
+                "tensor-parallel shut-down forced: %s (pid %s) is still alive after SIGKILL "
+                "(stuck in the GPU driver?); not waiting for it",
+                p.name,
+                p.pid,
+            )
+        if healthy:
+            for p in self.processes:
+                if p.exitcode not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
+                    logger.warning("%s exited with code %s", p.name, p.exitcode)
 
 
 def _injected_failure(rank: int) -> int | None:
@@ -259,9 +341,30 @@ def _injected_failure(rank: int) -> int | None:
     return step if fail_rank == rank else None
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Worker thread: rank 0's process is gone (killed, or it crashed): exit now. A worker inside
+    a collective would otherwise wait for rank 0 forever, holding its GPU."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(3)
+
+
+def _hang_at_exit() -> None:
+    """Test hook (HANG_ENV): a worker that never leaves and ignores SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
 def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, log_level) -> None:
-    """Rank ``rank``: join the group, build the model, then run every plan rank 0 sends."""
+    """Rank ``rank``: join the group, build the model, then run every plan rank 0 sends. Never
+    returns: the process ends with ``os._exit`` (no interpreter tear-down after NCCL's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops us
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_when_orphaned, args=(parent.pid,), name="nanovllm-orphan", daemon=True
+        ).start()
     fmt = f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=log_level, format=fmt)
     from nanovllm.engine.model_runner import ModelRunner
@@ -270,6 +373,7 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, l
         conn.send(("hello", rank))
         if runtime.device.type == "cuda":
             runtime.device = torch.device("cuda", rank)
+            torch.cuda.set_device(runtime.device)  # before NCCL: nothing of ours on cuda:0
         else:
             torch.set_num_threads(cpu_threads_per_rank(world_size))
         wait = timedelta(seconds=START_TIMEOUT_S)  # rank 0 joins once every worker said hello
@@ -295,5 +399,17 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, l
         sys.stderr.flush()
         # No clean-up: peers may be inside a collective with us, and exiting closes our sockets.
         os._exit(1)
-    runner.close()
-    dist.destroy_process_group()
+    if os.environ.get(HANG_ENV) == str(rank):
+        _hang_at_exit()
+    # Shut down: graphs first (runner.close), as on rank 0, then leave; each step is bounded.
+    code = 0
+    try:
+        idle = runner.close()  # False: a stream still waits on a collective, which only aborts end
+        if not leave_process_group(abort=not idle):
+            code = 2
+    except BaseException:  # noqa: BLE001 - exit anyway
+        logger.exception("tensor-parallel worker rank %d: shut-down failed", rank)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,5 +1,5 @@
 """The tensor-parallel rank and world size that layers read while they are built, and joining
-and leaving the process group.
+and leaving the process group (leaving is bounded in time: see ``leave_process_group``).
 
 Layers record their rank and world size at construction and decide at run time from those
 values, never from ``torch.distributed``'s global state: a single-GPU engine built while a
@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+SYNC_TIMEOUT_S = 10.0  # an idle GPU synchronises at once; one that does not waits on a collective
+LEAVE_TIMEOUT_S = 15.0  # destroying or aborting the process group (NCCL: about a second)
 
 _rank, _size = 0, 1
 
@@ -57,21 +61,70 @@ def init_process_group(rank: int, world_size: int, store, device: torch.device) 
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
 
 
-def leave_process_group(abort: bool = False) -> None:
-    if not dist.is_initialized():
-        return
-    try:
-        if abort and dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()  # in-flight collectives may never end
-        else:
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - leaving must not mask the error being handled
-        logger.exception("leaving the tensor-parallel process group failed")
-    if dist.is_initialized():  # forget it anyway, so that a new engine can start
+def run_with_deadline(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``fn()`` in a daemon thread and wait at most ``timeout_s``: True if it returned (an
+    exception is logged, not raised). A blocking C call cannot be interrupted, so one that
+    outlives the deadline is logged as forced and left running in the background."""
+    done = threading.Event()
+
+    def target() -> None:
         try:
+            fn()
+        except Exception:  # noqa: BLE001 - shut-down goes on; the error is in the log
+            logger.exception("%s failed", what)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"nanovllm-{what}", daemon=True).start()
+    if done.wait(timeout_s):
+        return True
+    logger.error(
+        "tensor-parallel shut-down forced: %s did not finish within %.0f s; going on without it "
+        "(it stays blocked in the background)",
+        what,
+        timeout_s,
+    )
+    return False
+
+
+def synchronize_within(device: torch.device, timeout_s: float | None = None) -> bool:
+    """``torch.cuda.synchronize(device)``, bounded: False if the GPU did not go idle in time (a
+    stream waits on a collective whose peer left). Then do not free cached memory either: the
+    allocator's ``cudaFree`` would wait for the same stream while holding its lock."""
+    timeout_s = SYNC_TIMEOUT_S if timeout_s is None else timeout_s
+    what = f"synchronizing {device}"
+    return run_with_deadline(lambda: torch.cuda.synchronize(device), timeout_s, what)
+
+
+def leave_process_group(abort: bool = False, timeout_s: float | None = None) -> bool:
+    """Leave the default process group, within ``timeout_s``: True if it is gone.
+
+    NCCL: ``destroy_process_group`` finalizes the communicator, which flushes its pending work
+    and then waits, with no time limit, until every CUDA graph that captured one of its
+    collectives is destroyed (``commDestroySync`` in NCCL's init.cc); ``abort`` waits for them as
+    well. So the caller first drops its graphs and checks that the GPU is idle (else it aborts:
+    the abort flag stops NCCL kernels that wait for a peer). Should a step still block, it is
+    logged and left behind; the process group then stays registered (``dist.is_initialized()``)
+    until that step ends, so no new group can start in this process before."""
+    if not dist.is_initialized():
+        return True
+    timeout_s = LEAVE_TIMEOUT_S if timeout_s is None else timeout_s
+    backend = dist.get_backend()
+
+    def leave() -> None:
+        try:
+            if abort and backend == "nccl":
+                dist.distributed_c10d._abort_process_group()  # in-flight collectives may never end
+            else:
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving must not mask the error being handled
+            logger.exception("leaving the tensor-parallel process group failed")
+        if dist.is_initialized():  # forget it anyway, so that a new engine can start
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            logger.exception("destroying the tensor-parallel process group failed")
+
+    verb = "aborting" if abort and backend == "nccl" else "destroying"
+    left = run_with_deadline(leave, timeout_s, f"{verb} the {backend} process group")
+    return left and not dist.is_initialized()
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

@@ -4,20 +4,34 @@ Two ranks give the same greedy tokens as one rank and as transformers (also unde
 chunked prefill and prefix-cache hits, where the ranks must stay in step); a worker failure
 surfaces here with its traceback, and nothing is left behind (processes, port, process group),
 so the next engine starts; Ctrl-C is rank 0's to handle; bad sizes are clear ValueErrors.
+Shut-down is bounded: a worker that never leaves is killed, a process-group exit that blocks is
+left behind (logged), rank 0 drops its CUDA graphs before it leaves the group (on NCCL the
+finalize waits for them forever), and a worker whose rank 0 was killed exits by itself.
 """
 
 import gc
+import logging
 import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
 from conftest import hf_greedy, mixed_prompts
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.tp_workers import FAIL_ENV, WorkerError
+from nanovllm.engine import tp_workers
+from nanovllm.engine.tp_workers import FAIL_ENV, HANG_ENV, WorkerError
+from nanovllm.utils import distributed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MAX_NEW = 10
 
@@ -159,3 +173,198 @@ def test_sizes_that_do_not_divide_the_heads_are_value_errors(tiny_model, tp):
     assert "4 attention heads" in message and "2 KV heads" in message
     assert "[1, 2]" in message
     assert not multiprocessing.active_children()
+
+
+def test_close_is_bounded_when_a_worker_never_leaves(tiny_model, reference, monkeypatch, caplog):
+    prompts, expected = reference
+    monkeypatch.setenv(HANG_ENV, "1")  # rank 1 ignores None and SIGTERM: only SIGKILL stops it
+    monkeypatch.setattr(tp_workers, "EXIT_TIMEOUT_S", 1)
+    monkeypatch.setattr(tp_workers, "SIGNAL_TIMEOUT_S", 2)
+    llm = llm_of(tiny_model)
+    assert tokens(llm, prompts[:2]) == expected[:2]
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="nanovllm"):
+        llm.exit()
+    elapsed = time.monotonic() - start
+    bound = 1 + 2 * 2 + tp_workers.MONITOR_TIMEOUT_S  # grace, SIGTERM, SIGKILL, monitor
+    assert elapsed < bound, f"close() took {elapsed:.1f} s, bound {bound} s"
+    assert "did not exit within 1 s: terminate" in caplog.text
+    assert "did not exit within 3 s: kill" in caplog.text  # SIGTERM was ignored
+    assert_nothing_left(llm)
+
+
+def test_a_process_group_exit_that_blocks_is_left_behind(
+    tiny_model, reference, monkeypatch, caplog
+):
+    # As NCCL's finalize does while a CUDA graph holds one of its collectives.
+    prompts, expected = reference
+    gate = threading.Event()
+    real_destroy = dist.destroy_process_group
+
+    def blocking_destroy(*args, **kwargs):
+        gate.wait()
+        return real_destroy(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "LEAVE_TIMEOUT_S", 1.0)
+    llm = llm_of(tiny_model)
+    assert tokens(llm, prompts[:2]) == expected[:2]
+    monkeypatch.setattr(dist, "destroy_process_group", blocking_destroy)
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nanovllm"):
+            llm.exit()
+        elapsed = time.monotonic() - start
+        assert elapsed < 1 + tp_workers.EXIT_TIMEOUT_S, f"close() took {elapsed:.1f} s"
+        assert "shut-down forced: destroying the gloo process group did not finish" in caplog.text
+        assert not multiprocessing.active_children()  # the worker left on its own
+        # The group stays registered until the blocked call ends: a new engine says so.
+        assert dist.is_initialized()
+        with pytest.raises(ValueError, match="already initialised"):
+            llm_of(tiny_model)
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 10
+    while dist.is_initialized() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_nothing_left(llm)
+    again = llm_of(tiny_model)
+    assert tokens(again, prompts[:2]) == expected[:2]
+    again.exit()
+
+
+class FakeGraphs:
+    """Stands for rank 0's DecodeGraphRunner: on NCCL its graphs hold captured all-reduces."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def reset(self):
+        self.events.append("graphs destroyed")
+
+
+@pytest.mark.parametrize("how", ["exit", "worker failure"])
+def test_rank_0_drops_its_graphs_before_it_leaves_the_group(
+    tiny_model, reference, monkeypatch, how
+):
+    prompts, _ = reference
+    events = []
+    real_leave = tp_workers.leave_process_group
+
+    def leave(abort=False, timeout_s=None):
+        events.append("left (abort)" if abort else "left")
+        return real_leave(abort, timeout_s)
+
+    monkeypatch.setattr(tp_workers, "leave_process_group", leave)
+    if how == "worker failure":
+        monkeypatch.setenv(FAIL_ENV, "1:2")
+    llm = llm_of(tiny_model)
+    llm.model_runner.graph_runner = FakeGraphs(events)
+    if how == "exit":
+        llm.exit()
+        assert events == ["graphs destroyed", "left"]
+    else:
+        with pytest.raises(WorkerError):
+            llm.generate(prompts, greedy(), use_tqdm=False)  # closes the group itself
+        assert events == ["graphs destroyed", "left (abort)"]
+        llm.exit()
+    assert_nothing_left(llm)
+
+
+ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, sys
+    from nanovllm import LLM
+    from nanovllm.engine import tp_workers
+
+    if __name__ == "__main__":
+        path, pid_file = sys.argv[1], sys.argv[2]
+        os.environ[tp_workers.HANG_ENV] = "1"
+        tp_workers.EXIT_TIMEOUT_S = 600
+        llm = LLM(path, device="cpu", tensor_parallel_size=2)
+        (worker,) = multiprocessing.active_children()
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(worker.pid))
+        os.replace(pid_file + ".tmp", pid_file)
+        llm.exit()  # waits for the hung worker: killed meanwhile
+    """
+)
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split() == ["State:", "Z", "(zombie)"] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_exits_when_rank_0_is_killed(tiny_model, tmp_path):
+    script, pid_file = tmp_path / "orphan.py", tmp_path / "worker.pid"
+    script.write_text(ORPHAN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rank0 = subprocess.Popen(
+        [sys.executable, str(script), tiny_model, str(pid_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():
+            assert rank0.poll() is None, rank0.stderr.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "rank 0 did not start its worker"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        time.sleep(1)  # rank 0 is in exit(), the worker hangs (ignoring SIGTERM)
+        assert not process_is_gone(worker)
+        rank0.kill()
+        rank0.wait(10)
+        deadline = time.monotonic() + 5
+        while not process_is_gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_is_gone(worker), "the orphaned worker is still running"
+    finally:
+        if rank0.poll() is None:
+            os.killpg(rank0.pid, signal.SIGKILL)
+        rank0.wait()
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_nccl_abort_on_a_worker_failure_only_while_rank_0_may_be_in_a_collective(
+    tiny_model, reference, monkeypatch, busy
+):
+    # On NCCL the abort waits until rank 0's CUDA graphs are gone: idle, rank 0 learns of the
+    # failure at its next step instead (torch would kill a process whose abort sits for 8 min).
+    prompts, expected = reference
+    llm = llm_of(tiny_model)
+    assert tokens(llm, prompts[:2]) == expected[:2]
+    workers = llm.model_runner.workers
+    aborts = []
+
+    class World:
+        @staticmethod
+        def abort():
+            aborts.append(True)
+
+    monkeypatch.setattr(dist, "group", type("group", (), {"WORLD": World}))
+    workers.backend = "nccl"  # only the monitor thread reads it before we restore it
+    workers._busy = busy  # as inside a step (between send() and end_step())
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGKILL)
+    assert workers._failed.wait(10)
+    deadline = time.monotonic() + 2  # _record() sets _failed just before it aborts
+    while not aborts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert aborts == ([True] if busy else [])
+    workers.backend = "gloo"
+    monkeypatch.undo()
+    with pytest.raises(WorkerError, match="worker rank 1 exited"):
+        llm.generate(prompts, greedy(), use_tqdm=False)
+    assert_nothing_left(llm)
