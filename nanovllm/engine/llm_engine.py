@@ -134,11 +134,12 @@ class LLMEngine:
         """One engine step; returns the sequences that finished and the tokens processed
         (positive for prefill, negative for decode, as nano-vllm reports them)."""
         batch = self.scheduler.schedule()
+        finished = self.scheduler.take_finished()  # ended while scheduling (KV cache full)
         if not batch.seqs:
-            return [], 0
+            return finished, 0
         tokens = self.model_runner.run(batch)
         self.scheduler.postprocess(batch, tokens)
-        finished = [s for s in batch.seqs if s.is_finished]
+        finished += [s for s in batch.seqs if s.is_finished]
         n = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
         return finished, n
 
@@ -196,7 +197,15 @@ class LLMEngine:
         try:
             while not self.is_finished():
                 t = time.perf_counter()
+                before = (len(self.scheduler.waiting), len(self.scheduler.running))
                 finished, n = self.step()
+                if n == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
+                    # Cannot happen by construction (requests that can never fit are refused
+                    # when added); never spin if it ever does.
+                    raise RuntimeError(
+                        "the scheduler made no progress with requests still queued: please "
+                        "report this with your LLM options"
+                    )
                 dt = max(time.perf_counter() - t, 1e-9)
                 if n > 0:
                     prefill_tps = n / dt

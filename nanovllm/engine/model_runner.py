@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.attention import GRAPH_SAFE, select_attention_backend
+from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.config import Config, RuntimeInfo
 from nanovllm.engine.cuda_graph import DecodeBuffers, DecodeGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_blocks_for
@@ -132,8 +133,6 @@ class ModelRunner:
         cfg = self.config
         seq_len = min(cfg.max_num_batched_tokens, self.runtime.max_model_len)
         num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
-        from nanovllm.attention.metadata import AttentionMetadata
-
         cu = torch.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=torch.int32)
         n = num_seqs * seq_len
         meta = AttentionMetadata(

@@ -70,7 +70,6 @@ class PipelineScheduler:
         self.runner, self.model = runner, runner.model
         cfg = runner.config
         self.num_microbatches = cfg.pipeline_num_microbatches
-        self.enabled_by_user = cfg.enable_pipeline
         self.mode, self.reason, self.green = mode, reason, green
         self.active = mode == "green"
         self.stats = PipelineStats(cfg.pipeline_enable_profiling and self.active)

@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self._finished_while_scheduling: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -95,6 +96,7 @@ class Scheduler:
                 if victim is seq and len(self.running) == 1:
                     # Alone and still no room: the KV cache cannot hold this sequence longer.
                     self.finish(seq, "length")
+                    self._finished_while_scheduling.append(seq)
                     logger.warning(
                         "sequence %d ended at %d tokens: the KV cache (%d blocks) is full",
                         seq.seq_id,
@@ -111,6 +113,11 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(1)
         return batch
+
+    def take_finished(self) -> list[Sequence]:
+        """Sequences the last ``schedule()`` ended itself (no room left to grow)."""
+        out, self._finished_while_scheduling = self._finished_while_scheduling, []
+        return out
 
     def preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks and queue it first for a re-prefill (recompute)."""
