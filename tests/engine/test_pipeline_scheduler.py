@@ -73,3 +73,29 @@ def test_profiling_counters_without_cuda(tiny_model):
     assert hidden.shape == (3, llm.runtime.hf_config.hidden_size)
     stats = pipe.statistics()
     assert stats["enabled"] is True and stats["steps"] == 1 and stats["tokens"] == 3
+
+
+class RecordingGreen(SerialGreen):
+    attention_sms, ffn_sms = 40, 92
+
+    def __init__(self):
+        self.calls = []
+
+    def adjust_sm_allocation(self, a, f):
+        self.calls.append((a, f))
+        self.attention_sms, self.ffn_sms = a, f
+        self.generation += 1
+        return a, f
+
+
+def test_rebalance_moves_sms_towards_the_slower_stage(tiny_model):
+    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
+    green = RecordingGreen()
+    pipe = PipelineScheduler(llm.model_runner, "green", "", green=green)
+    pipe.stats.profiling = True
+    pipe.stats.attention_ms, pipe.stats.ffn_ms, pipe.stats.step_ms = [3.0], [1.0], [3.2]
+    assert pipe.rebalance() == (48, 84)  # attention took longer: it gets 8 more SMs
+    pipe.stats.attention_ms, pipe.stats.ffn_ms = [1.0], [3.0]
+    assert pipe.rebalance() == (40, 92)
+    pipe.stats.attention_ms, pipe.stats.ffn_ms = [1.0], [1.05]
+    assert pipe.rebalance() == (40, 92) and len(green.calls) == 2  # balanced: no change
