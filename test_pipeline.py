@@ -66,16 +66,22 @@ def test_pipeline_config_validation(tiny_model, kwargs, field):
 
 
 # ---------------------------------------------------------------------------------- GPU
-@pytest.fixture(scope="module")
-def piped_llm(gpu_model_06b):
-    llm = LLM(
-        gpu_model_06b,
+def gpu_pipeline_engine(path, memory: float, **kw) -> LLM:
+    """A pipelined engine on the 0.6B-shape model, sized to share the GPU with the others."""
+    return LLM(
+        path,
         enable_pipeline=True,
-        pipeline_enable_profiling=True,
-        pipeline_policy="always",
-        gpu_memory_utilization=0.4,
+        gpu_memory_utilization=memory,
         max_num_seqs=64,
         max_model_len=1024,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def piped_llm(gpu_model_06b):
+    llm = gpu_pipeline_engine(
+        gpu_model_06b, 0.4, pipeline_enable_profiling=True, pipeline_policy="always"
     )
     yield llm
     llm.exit()
@@ -129,15 +135,7 @@ def test_gpu_pipeline_repeatable(piped_llm):
 def test_gpu_graph_and_eager_pipelines_agree(piped_llm, gpu_model_06b):
     prompts = mixed_prompts(16, seed=6)
     graph = _generate(piped_llm, prompts, pipelined=True)
-    eager = LLM(
-        gpu_model_06b,
-        enable_pipeline=True,
-        enforce_eager=True,
-        pipeline_policy="always",
-        gpu_memory_utilization=0.2,
-        max_num_seqs=64,
-        max_model_len=1024,
-    )
+    eager = gpu_pipeline_engine(gpu_model_06b, 0.2, enforce_eager=True, pipeline_policy="always")
     assert eager.model_runner.get_pipeline_statistics()["cuda_graphs"] is False
     out = _generate(eager, prompts, pipelined=True)
     eager.exit()
@@ -202,10 +200,7 @@ def test_gpu_auto_policy_pipelines_only_where_it_measured_faster(
     gpu_model_06b, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
-    kw = dict(
-        enable_pipeline=True, gpu_memory_utilization=0.25, max_num_seqs=64, max_model_len=1024
-    )
-    llm = LLM(gpu_model_06b, **kw)
+    llm = gpu_pipeline_engine(gpu_model_06b, 0.25)
     stats = llm.model_runner.get_pipeline_statistics()
     assert stats["policy"] == "auto" and stats["buckets"]
     for bucket, (seq_ms, pipe_ms) in stats["calibration_ms"].items():
@@ -215,7 +210,7 @@ def test_gpu_auto_policy_pipelines_only_where_it_measured_faster(
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     llm.exit()
     # A second engine of the same shape and split loads the calibration from the disk cache.
-    again = LLM(gpu_model_06b, **kw)
+    again = gpu_pipeline_engine(gpu_model_06b, 0.25)
     assert again.model_runner.get_pipeline_statistics()["calibration_ms"] == stats["calibration_ms"]
     assert [o["token_ids"] for o in again.generate(prompts, GREEDY, use_tqdm=False)] == [
         o["token_ids"] for o in out

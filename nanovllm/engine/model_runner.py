@@ -152,9 +152,15 @@ class ModelRunner:
 
     def run_model(self, inputs: ModelInputs, is_prefill: bool) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden]."""
-        if not is_prefill and self.pipeline.active:
+        if is_prefill:
+            return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if self.pipeline.active:
             return self.pipeline.run(inputs)
-        if not is_prefill and self.graph_runner is not None:
+        return self.run_sequential_decode(inputs)
+
+    def run_sequential_decode(self, inputs: ModelInputs) -> torch.Tensor:
+        """The whole-GPU decode step: graph replay where captured, else eager."""
+        if self.graph_runner is not None:
             return self.graph_runner.run(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 

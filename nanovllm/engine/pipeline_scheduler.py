@@ -219,10 +219,7 @@ class PipelineScheduler:
         return self.step(inputs.input_ids, inputs.positions, inputs.meta)
 
     def _sequential(self, inputs: ModelInputs) -> torch.Tensor:
-        runner = self.runner
-        if runner.graph_runner is not None:
-            return runner.graph_runner.run(inputs)
-        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.runner.run_sequential_decode(inputs)
 
     def _calibrate(self) -> policy_lib.PipelinePolicy | None:
         if self.policy_mode != "auto" or self.runner.device.type != "cuda":
