@@ -14,6 +14,7 @@ import torch
 
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.sampler import SamplingTensors
 
 
 @dataclass
@@ -154,9 +155,11 @@ def prepare_decode(batch: ScheduledBatch, block_size: int, device: torch.device)
 
 
 def prepare_sampling(batch: ScheduledBatch, rows: list[int], device: torch.device):
-    """Per-row sampling parameters: temperatures [n] float, top_ks [n] int, top_ps [n] float."""
+    """The sampling parameters of the rows that sample this step."""
     params = [batch.seqs[i].params for i in rows]
-    temperatures = _tensor([p.temperature for p in params], torch.float32, device)
-    top_ks = _tensor([p.top_k for p in params], torch.int64, device)
-    top_ps = _tensor([p.top_p for p in params], torch.float32, device)
-    return temperatures, top_ks, top_ps
+    return SamplingTensors.build(
+        [p.temperature for p in params],
+        [p.top_k for p in params],
+        [p.top_p for p in params],
+        device,
+    )

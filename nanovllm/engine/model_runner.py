@@ -192,7 +192,7 @@ class ModelRunner:
         if logits is None:
             return tokens
         params = prepare_sampling(batch, plan.sampling_rows, self.device)
-        sampled = self.sampler(logits, *params, generator=self.generator).tolist()
+        sampled = self.sampler(logits, params, generator=self.generator).tolist()
         for row, token in zip(plan.sampling_rows, sampled):
             tokens[row] = token
         return tokens

@@ -1,34 +1,89 @@
+"""Token sampling from the last hidden states' logits, per-row parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 _MIN_TEMPERATURE = 1e-5
 
 
-class Sampler(nn.Module):
-    """Per-row greedy (temperature 0), temperature, top-k (<= 0: off) and top-p sampling.
+@dataclass
+class SamplingTensors:
+    """Per-row parameters [num_seqs] on the logits' device, plus what the host already knows
+    about them (so the sampler never synchronises to inspect them)."""
 
-    logits [num_seqs, vocab]; temperatures/top_ps float [num_seqs]; top_ks int [num_seqs].
+    temperatures: torch.Tensor  # float32; <= 0 means greedy
+    top_ks: torch.Tensor  # int64; <= 0 means no top-k filter
+    top_ps: torch.Tensor  # float32; 1.0 means no top-p filter
+    all_greedy: bool
+    any_filter: bool  # some sampled row has a top-k or top-p filter
+
+    @classmethod
+    def build(
+        cls,
+        temperatures: list[float],
+        top_ks: list[int],
+        top_ps: list[float],
+        device: torch.device,
+    ) -> SamplingTensors:
+        sampled = [i for i, t in enumerate(temperatures) if t > 0]
+        pin = device.type == "cuda"
+
+        def to(data, dtype):
+            return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+
+        return cls(
+            temperatures=to(temperatures, torch.float32),
+            top_ks=to(top_ks, torch.int64),
+            top_ps=to(top_ps, torch.float32),
+            all_greedy=not sampled,
+            any_filter=any(top_ks[i] > 0 or top_ps[i] < 1.0 for i in sampled),
+        )
+
+
+class Sampler(nn.Module):
+    """Per-row greedy (temperature 0), temperature, top-k and top-p sampling.
+
+    Without filters a row draws by Gumbel-max over the whole vocabulary (no sort: at a
+    152k vocabulary and hundreds of rows a sort costs more than a small model's decode step);
+    with them it sorts once and renormalises the kept prefix.
     """
 
-    def forward(self, logits, temperatures, top_ks, top_ps, generator=None) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, params: SamplingTensors, generator=None
+    ) -> torch.Tensor:
+        """logits [num_seqs, vocab] -> token ids [num_seqs] int64."""
         logits = logits.float()
         greedy = logits.argmax(dim=-1)
-        is_greedy = temperatures <= 0
-        if bool(is_greedy.all()):
+        if params.all_greedy:
             return greedy
+        is_greedy = params.temperatures <= 0
         # A tiny positive temperature would overflow logits / t to inf (NaN probabilities):
         # clamp it, which keeps such rows (near-)greedy.
-        t = temperatures.clamp(min=_MIN_TEMPERATURE)
-        scaled = logits / torch.where(is_greedy, 1.0, t).unsqueeze(1)
+        t = torch.where(is_greedy, 1.0, params.temperatures.clamp(min=_MIN_TEMPERATURE))
+        scaled = logits / t.unsqueeze(1)  # a copy: the caller's logits stay as they were
+        if params.any_filter:
+            sampled = self._sample_filtered(scaled, params, generator)
+        else:
+            # argmax(l/t - log E), E ~ Exp(1), draws from softmax(l/t) exactly.
+            noise = torch.empty_like(scaled).exponential_(generator=generator)
+            sampled = scaled.sub_(noise.log_()).argmax(dim=-1)
+        return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _sample_filtered(scaled, params: SamplingTensors, generator) -> torch.Tensor:
         sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
-        drop = (top_ks.unsqueeze(1) > 0) & (rank >= top_ks.unsqueeze(1))
+        rank = torch.arange(scaled.shape[1], device=scaled.device).unsqueeze(0)
+        top_ks = params.top_ks.unsqueeze(1)
+        drop = (top_ks > 0) & (rank >= top_ks)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
-        drop |= (probs.cumsum(-1) - probs) >= top_ps.unsqueeze(1)
+        drop |= (probs.cumsum(-1) - probs) >= params.top_ps.unsqueeze(1)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         # Sampling by argmax(p / E) with E ~ Exp(1) is exact and needs no host sync.
         noise = torch.empty_like(probs).exponential_(generator=generator)
         choice = (probs / noise).argmax(dim=-1, keepdim=True)
-        sampled = sorted_ids.gather(1, choice).squeeze(1)
-        return torch.where(is_greedy, greedy, sampled)
+        return sorted_ids.gather(1, choice).squeeze(1)

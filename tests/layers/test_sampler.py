@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingTensors
 
 VOCAB = 50
 
 
-def params(n, temperature=1.0, top_k=0, top_p=1.0):
-    def full(v, dtype):
-        return v if torch.is_tensor(v) else torch.full((n,), v, dtype=dtype)
+def params(n, temperature=1.0, top_k=0, top_p=1.0) -> SamplingTensors:
+    def full(v):
+        return v.tolist() if torch.is_tensor(v) else [v] * n
 
-    return full(temperature, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32)
+    return SamplingTensors.build(full(temperature), full(top_k), full(top_p), torch.device("cpu"))
 
 
 def gen(seed=0):
@@ -25,7 +25,7 @@ def logits():
 
 
 def test_temperature_zero_is_argmax(logits):
-    out = Sampler()(logits, *params(len(logits), temperature=0.0), generator=gen())
+    out = Sampler()(logits, params(len(logits), temperature=0.0), generator=gen())
     assert torch.equal(out, logits.argmax(-1))
 
 
@@ -34,14 +34,14 @@ def test_top_k_1_is_argmax_at_any_temperature(logits, temperature):
     sampler = Sampler()
     for seed in range(3):
         p = params(len(logits), temperature=temperature, top_k=1)
-        out = sampler(logits, *p, generator=gen(seed))
+        out = sampler(logits, p, generator=gen(seed))
         assert torch.equal(out, logits.argmax(-1))
 
 
 def test_tiny_top_p_keeps_only_the_top_token(logits):
     p = params(len(logits), temperature=2.0, top_p=1e-6)
     for seed in range(3):
-        assert torch.equal(Sampler()(logits, *p, generator=gen(seed)), logits.argmax(-1))
+        assert torch.equal(Sampler()(logits, p, generator=gen(seed)), logits.argmax(-1))
 
 
 def test_mixed_greedy_and_sampled_rows():
@@ -51,11 +51,11 @@ def test_mixed_greedy_and_sampled_rows():
     logits = torch.zeros(n, VOCAB)
     logits[:, 3] = 0.5
     temperatures = torch.tensor([0, 1, 0, 1, 0, 1, 0.7, 0], dtype=torch.float32)
-    _, top_ks, top_ps = params(n)
+    top_ks, top_ps = torch.zeros(n, dtype=torch.int64), torch.ones(n)
     greedy_rows = temperatures == 0
     sampled_seen = set()
     for seed in range(10):
-        out = Sampler()(logits, temperatures, top_ks, top_ps, generator=gen(seed))
+        out = Sampler()(logits, params(n, temperatures, top_ks, top_ps), generator=gen(seed))
         assert out.shape == (n,) and out.dtype == torch.int64
         assert torch.all(out[greedy_rows] == 3)
         assert torch.all((out >= 0) & (out < VOCAB))
@@ -70,7 +70,7 @@ def test_per_row_parameters_are_independent():
     top_ps = torch.tensor([1.0, 1e-6, 1.0])
     seen_row2 = set()
     for seed in range(20):
-        out = Sampler()(logits, temperatures, top_ks, top_ps, generator=gen(seed))
+        out = Sampler()(logits, params(3, temperatures, top_ks, top_ps), generator=gen(seed))
         assert out[0] == logits[0].argmax() and out[1] == logits[1].argmax()
         seen_row2.add(int(out[2]))
     assert len(seen_row2) > 1
@@ -82,7 +82,7 @@ def test_sampled_tokens_stay_in_top_k(logits, k):
     p = params(len(logits), temperature=3.0, top_k=k)  # hot: without the filter anything goes
     seen = torch.zeros(len(logits), VOCAB, dtype=torch.bool)
     for seed in range(30):
-        out = Sampler()(logits, *p, generator=gen(seed))
+        out = Sampler()(logits, p, generator=gen(seed))
         assert torch.all((topk == out.unsqueeze(1)).any(dim=1))
         seen[torch.arange(len(logits)), out] = True
     assert (seen.sum(dim=1) > 1).any()  # more than the argmax is drawn
@@ -90,7 +90,7 @@ def test_sampled_tokens_stay_in_top_k(logits, k):
 
 def draw(logits_row, n, seed=0, **kw):
     logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
-    out = Sampler()(logits, *params(n, **kw), generator=gen(seed))
+    out = Sampler()(logits, params(n, **kw), generator=gen(seed))
     return torch.bincount(out, minlength=logits_row.numel()).float() / n
 
 
@@ -116,5 +116,32 @@ def test_top_p_and_top_k_renormalise():
 @pytest.mark.parametrize("temperature", [1e-8, 1e-40, 1e-45])
 def test_tiny_positive_temperature_is_near_greedy_not_nan(logits, temperature):
     # logits / 1e-40 overflows float32 to inf; the sampler must not return garbage
-    out = Sampler()(logits, *params(len(logits), temperature=temperature), generator=gen())
+    out = Sampler()(logits, params(len(logits), temperature=temperature), generator=gen())
     assert torch.equal(out, logits.argmax(-1))
+
+
+def test_host_flags_follow_the_rows():
+    cpu = torch.device("cpu")
+    assert SamplingTensors.build([0.0, 0.0], [5, 0], [0.5, 1.0], cpu).all_greedy
+    # a filter on a greedy row does not send the sampled rows down the sorting path
+    st = SamplingTensors.build([0.0, 0.7], [5, 0], [0.5, 1.0], cpu)
+    assert not st.all_greedy and not st.any_filter
+    assert SamplingTensors.build([0.0, 0.7], [0, 0], [1.0, 0.9], cpu).any_filter
+    assert SamplingTensors.build([0.7], [3], [1.0], cpu).any_filter
+
+
+def test_unfiltered_and_filtered_paths_draw_the_same_distribution():
+    # top_p just below 1 takes the sorting path but keeps (almost) every token
+    logits_row = torch.tensor([0.05, 0.15, 0.3, 0.5]).log()
+    fast = draw(logits_row, 40_000, seed=3, temperature=0.8)
+    sorted_path = draw(logits_row, 40_000, seed=4, temperature=0.8, top_p=0.999999)
+    expected = torch.softmax(logits_row / 0.8, dim=-1)
+    assert torch.allclose(fast, expected, atol=0.015), fast
+    assert torch.allclose(sorted_path, expected, atol=0.015), sorted_path
+
+
+def test_the_callers_logits_are_left_alone(logits):
+    before = logits.clone()
+    Sampler()(logits, params(len(logits), temperature=0.5), generator=gen())
+    Sampler()(logits, params(len(logits), temperature=0.5, top_k=3), generator=gen())
+    assert torch.equal(logits, before)

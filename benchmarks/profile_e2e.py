@@ -1,0 +1,201 @@
+"""Where ``bench.py``'s end-to-end time goes: per engine step, host and device phases.
+
+Runs bench.py's workload (same arguments) once, timing each phase of every engine step:
+
+- ``schedule``: the scheduler's decision (host);
+- ``plan``: flattening the batch into model inputs (host);
+- ``forward``: host-to-device copies, the forward (graph replay for decode) and the logits,
+  timed to completion with a device synchronisation;
+- ``sample``: sampling and the copy of the tokens back to the host;
+- ``postprocess``: appending tokens, finishing requests (host).
+
+The synchronisation after ``forward`` removes the little overlap the engine has (the host builds
+the sampling parameters while the GPU runs), so the profiled run is slightly slower than bench.py.
+Prints the totals by phase and by step kind, decode steps by batch size, prefill TFLOP/s,
+preemptions and recomputed tokens.
+
+    python benchmarks/profile_e2e.py --shape 8b --json OUT
+    python benchmarks/profile_e2e.py --quick --device cpu
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    build_engine,
+    environment,
+    model_path,
+    release_engine,
+    resolve_device,
+    write_json,
+)
+from nanovllm import SamplingParams  # noqa: E402
+from nanovllm.engine import model_runner as model_runner_module  # noqa: E402
+
+PHASES = ("schedule", "plan", "forward", "sample", "postprocess")
+
+
+class StepRecorder:
+    """Wraps the engine's phase functions on this engine only (``plan_step`` module-wide, until
+    ``restore``) and records one row per step."""
+
+    def __init__(self, llm, device: torch.device):
+        self.llm, self.device = llm, device
+        self.steps: list[dict] = []
+        self._current: dict = {}
+        runner, scheduler = llm.model_runner, llm.scheduler
+        self._plan_step = model_runner_module.plan_step
+        self._wrap(scheduler, "schedule", "schedule")
+        self._wrap(runner, "execute", "forward", sync=True)
+        self._wrap(runner, "_sample", "sample")
+        self._wrap(scheduler, "postprocess", "postprocess")
+        original_plan = self._plan_step
+
+        def plan(batch, block_size):
+            t = time.perf_counter()
+            out = original_plan(batch, block_size)
+            self._current["plan"] = time.perf_counter() - t
+            self._current["context"] = sum(out.context_lens) if out.context_lens else 0
+            return out
+
+        model_runner_module.plan_step = plan
+        original_step = llm.step
+
+        def step():
+            self._current = dict.fromkeys(PHASES, 0.0)
+            t = time.perf_counter()
+            finished, n = original_step()
+            if n:
+                row = self._current
+                row.update(kind="prefill" if n > 0 else "decode", n=abs(n))
+                row["wall"] = time.perf_counter() - t
+                self.steps.append(row)
+            return finished, n
+
+        llm.step = step
+
+    def _wrap(self, obj, name: str, phase: str, sync: bool = False) -> None:
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = original(*args, **kwargs)
+            if sync and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._current[phase] += time.perf_counter() - t
+            return out
+
+        setattr(obj, name, timed)
+
+    def restore(self) -> None:
+        model_runner_module.plan_step = self._plan_step
+
+
+def bucket(n: int) -> str:
+    hi = 1 << max(0, (n - 1).bit_length())
+    lo = hi // 2 + 1
+    return f"{lo}-{hi}" if lo < hi else str(hi)
+
+
+def summarise(steps: list[dict], total_s: float, params_count: int) -> dict:
+    out: dict = {"total_s": total_s, "steps": len(steps)}
+    for kind in ("prefill", "decode"):
+        rows = [r for r in steps if r["kind"] == kind]
+        kind_out = {"steps": len(rows), "tokens": sum(r["n"] for r in rows)}
+        kind_out["wall_s"] = sum(r["wall"] for r in rows)
+        for phase in PHASES:
+            kind_out[f"{phase}_s"] = sum(r[phase] for r in rows)
+        out[kind] = kind_out
+    prefill = out["prefill"]
+    if prefill["forward_s"] > 0:
+        # 2 FLOPs per parameter per token (GEMMs only; attention FLOPs excluded)
+        prefill["gemm_tflops"] = 2 * params_count * prefill["tokens"] / prefill["forward_s"] / 1e12
+    by_batch: dict[str, dict] = defaultdict(lambda: dict(steps=0, tokens=0, wall_s=0.0, fwd_s=0.0))
+    for r in steps:
+        if r["kind"] == "decode":
+            b = by_batch[bucket(r["n"])]
+            b["steps"] += 1
+            b["tokens"] += r["n"]
+            b["wall_s"] += r["wall"]
+            b["fwd_s"] += r["forward"] + r["sample"]
+            b["context_sum"] = b.get("context_sum", 0) + r.get("context", 0)
+    for b in by_batch.values():
+        b["mean_context"] = b.pop("context_sum", 0) / max(b["tokens"], 1)
+        b["ms_per_step"] = 1e3 * b["wall_s"] / b["steps"]
+        b["tok_s"] = b["tokens"] / b["wall_s"]
+    out["decode_by_batch"] = dict(sorted(by_batch.items(), key=lambda kv: int(kv[0].split("-")[-1])))
+    out["untracked_s"] = total_s - sum(r["wall"] for r in steps)
+    return out
+
+
+def print_summary(s: dict, tokens: int) -> None:
+    print(f"\n{tokens} output tokens in {s['total_s']:.2f} s ({tokens / s['total_s']:.0f} tok/s)")
+    print(f"{'kind':8} {'steps':>6} {'tokens':>8} {'wall s':>8} " + " ".join(f"{p:>11}" for p in PHASES))
+    for kind in ("prefill", "decode"):
+        k = s[kind]
+        cells = " ".join(f"{k[p + '_s']:>11.2f}" for p in PHASES)
+        print(f"{kind:8} {k['steps']:>6} {k['tokens']:>8} {k['wall_s']:>8.2f} {cells}")
+    if "gemm_tflops" in s["prefill"]:
+        print(f"prefill forward: {s['prefill']['gemm_tflops']:.0f} TFLOP/s (GEMM FLOPs only)")
+    print(f"outside steps (generate loop): {s['untracked_s']:.2f} s")
+    print(f"preemptions: {s['preemptions']}; recomputed prefill tokens: {s['recomputed_tokens']}")
+    print(f"\n{'decode batch':>12} {'steps':>6} {'ms/step':>8} {'ctx':>6} {'tok/s':>8} {'wall s':>7}")
+    for name, b in s["decode_by_batch"].items():
+        print(
+            f"{name:>12} {b['steps']:>6} {b['ms_per_step']:>8.2f} {b['mean_context']:>6.0f} "
+            f"{b['tok_s']:>8.0f} {b['wall_s']:>7.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = bench.parse_args(argv)
+    device = resolve_device(args.device)
+    path = args.model or model_path(args.shape)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    prompts, params = bench.workload(args, hf_config.vocab_size)
+    options = dict(
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        enable_pipeline=args.pipeline,
+    )
+    llm = build_engine(path, device, args.load_format == "dummy", **options)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    recorder = StepRecorder(llm, device)
+    preempted_before = llm.scheduler.num_preemptions
+    try:
+        seconds, tokens = bench.timed_generate(llm, prompts, params, device)
+    finally:
+        recorder.restore()
+    params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
+    summary = summarise(recorder.steps, seconds, params_count)
+    summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
+    prompt_tokens = sum(map(len, prompts))
+    summary["recomputed_tokens"] = summary["prefill"]["tokens"] - prompt_tokens
+    summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
+    print_summary(summary, tokens)
+    payload = {
+        "script": "benchmarks/profile_e2e.py",
+        "environment": environment(device),
+        "args": vars(args),
+        "tokens": tokens,
+        "summary": summary,
+    }
+    release_engine(llm)
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
