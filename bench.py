@@ -123,6 +123,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     llm = build_engine(path, device, args.load_format == "dummy", **options)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     startup = time.perf_counter() - t0
+    preempted = llm.scheduler.num_preemptions
     seconds, tokens = timed_generate(llm, prompts, params, device)
     expected = sum(sp.max_tokens for sp in params)
     if tokens != expected:
@@ -130,6 +131,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result = dict(variant=label, tokens=tokens, seconds=seconds, startup_s=startup)
     result["throughput_tok_s"] = report(label, tokens, seconds)
     result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
+    result["preemptions"] = llm.scheduler.num_preemptions - preempted
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

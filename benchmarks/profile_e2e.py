@@ -132,14 +132,16 @@ def summarise(steps: list[dict], total_s: float, params_count: int) -> dict:
         b["mean_context"] = b.pop("context_sum", 0) / max(b["tokens"], 1)
         b["ms_per_step"] = 1e3 * b["wall_s"] / b["steps"]
         b["tok_s"] = b["tokens"] / b["wall_s"]
-    out["decode_by_batch"] = dict(sorted(by_batch.items(), key=lambda kv: int(kv[0].split("-")[-1])))
+    order = sorted(by_batch, key=lambda name: int(name.split("-")[-1]))
+    out["decode_by_batch"] = {name: by_batch[name] for name in order}
     out["untracked_s"] = total_s - sum(r["wall"] for r in steps)
     return out
 
 
 def print_summary(s: dict, tokens: int) -> None:
     print(f"\n{tokens} output tokens in {s['total_s']:.2f} s ({tokens / s['total_s']:.0f} tok/s)")
-    print(f"{'kind':8} {'steps':>6} {'tokens':>8} {'wall s':>8} " + " ".join(f"{p:>11}" for p in PHASES))
+    phases = " ".join(f"{p:>11}" for p in PHASES)
+    print(f"{'kind':8} {'steps':>6} {'tokens':>8} {'wall s':>8} {phases}")
     for kind in ("prefill", "decode"):
         k = s[kind]
         cells = " ".join(f"{k[p + '_s']:>11.2f}" for p in PHASES)
@@ -148,7 +150,8 @@ def print_summary(s: dict, tokens: int) -> None:
         print(f"prefill forward: {s['prefill']['gemm_tflops']:.0f} TFLOP/s (GEMM FLOPs only)")
     print(f"outside steps (generate loop): {s['untracked_s']:.2f} s")
     print(f"preemptions: {s['preemptions']}; recomputed prefill tokens: {s['recomputed_tokens']}")
-    print(f"\n{'decode batch':>12} {'steps':>6} {'ms/step':>8} {'ctx':>6} {'tok/s':>8} {'wall s':>7}")
+    header = ("decode batch", "steps", "ms/step", "ctx", "tok/s", "wall s")
+    print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(header, (12, 6, 8, 6, 8, 7))))
     for name, b in s["decode_by_batch"].items():
         print(
             f"{name:>12} {b['steps']:>6} {b['ms_per_step']:>8.2f} {b['mean_context']:>6.0f} "

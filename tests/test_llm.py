@@ -44,6 +44,7 @@ def test_preemption_under_tiny_kv_cache(tiny_model, reference):
     prompts, expected = reference
     # 12 blocks of 16 tokens cannot hold all six sequences at once: decode must preempt.
     llm = LLM(tiny_model, kvcache_block_size=16, num_kvcache_blocks=12)
+    llm.scheduler.headroom_steps = 0  # admit greedily, so that decode must preempt
     outs = llm.generate(prompts, greedy(), use_tqdm=False)
     assert [o["token_ids"] for o in outs] == expected
     assert llm.scheduler.num_preemptions > 0

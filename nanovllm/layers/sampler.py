@@ -48,14 +48,41 @@ class Sampler(nn.Module):
     """Per-row greedy (temperature 0), temperature, top-k and top-p sampling.
 
     Without filters a row draws by Gumbel-max over the whole vocabulary (no sort: at a
-    152k vocabulary and hundreds of rows a sort costs more than a small model's decode step);
-    with them it sorts once and renormalises the kept prefix.
+    152k vocabulary and hundreds of rows a sort costs more than a small model's decode step),
+    on CUDA in one fused Triton pass (``nanovllm.kernels.triton_sampling``); with filters it
+    sorts once and renormalises the kept prefix.
+
+    ``fused``: None chooses the Triton kernel for CUDA logits when Triton imports; True forces
+    it (CPU tensors then need ``TRITON_INTERPRET=1``); False never uses it.
     """
+
+    def __init__(self, fused: bool | None = None):
+        super().__init__()
+        self.fused = fused
+        self._fused_calls = 0  # the kernel's noise is keyed by (generator seed, call count)
+
+    def _use_fused(self, logits: torch.Tensor) -> bool:
+        if self.fused is False or (self.fused is None and not logits.is_cuda):
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if self.fused:
+                raise ImportError("Sampler(fused=True) needs Triton: pip install triton") from None
+            return False
+        return True
 
     def forward(
         self, logits: torch.Tensor, params: SamplingTensors, generator=None
     ) -> torch.Tensor:
         """logits [num_seqs, vocab] -> token ids [num_seqs] int64."""
+        if not params.all_greedy and not params.any_filter and self._use_fused(logits):
+            from nanovllm.kernels.triton_sampling import gumbel_argmax
+
+            base = generator.initial_seed() if generator is not None else 0
+            seed = (base * 1_000_003 + self._fused_calls) % (2**31 - 1)
+            self._fused_calls += 1
+            return gumbel_argmax(logits.contiguous(), params.temperatures, seed)
         logits = logits.float()
         greedy = logits.argmax(dim=-1)
         if params.all_greedy:

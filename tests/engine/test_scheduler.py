@@ -12,7 +12,12 @@ FAKE = 7  # the token every step "samples" unless a test says otherwise
 
 
 def make_scheduler(
-    num_blocks=64, max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=4096, bs=BS
+    num_blocks=64,
+    max_num_seqs=8,
+    max_num_batched_tokens=1024,
+    max_model_len=4096,
+    bs=BS,
+    **kw,
 ):
     return Scheduler(
         BlockManager(num_blocks, bs),
@@ -20,6 +25,7 @@ def make_scheduler(
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         eos_token_ids={EOS},
+        **kw,
     )
 
 
@@ -105,7 +111,7 @@ def test_max_num_seqs():
 def test_decode_preempts_most_recent_and_requeues_it_first():
     # 3 blocks of 16. a and b each take one block for 16 prompt tokens; after their first token
     # each needs a second block: only one is free.
-    sched = make_scheduler(num_blocks=3, max_num_seqs=2)
+    sched = make_scheduler(num_blocks=3, max_num_seqs=2, headroom_steps=0)  # admit both
     a, b, c = make_seq(16), make_seq(16, start=100), make_seq(4, start=200)
     for s in (a, b, c):
         sched.add(s)
@@ -124,7 +130,7 @@ def test_decode_preempts_most_recent_and_requeues_it_first():
 
 
 def test_preemption_victim_is_the_last_admitted_even_when_the_first_needs_room():
-    sched = make_scheduler(num_blocks=2)
+    sched = make_scheduler(num_blocks=2, headroom_steps=0)
     a, b = make_seq(16), make_seq(10, start=100)  # one block each
     sched.add(a)
     sched.add(b)
@@ -229,3 +235,40 @@ def test_fully_cached_prompt_is_decoded_not_prefilled():
     assert again.num_cached_tokens == 32
     assert not batch.is_prefill and batch.seqs == [again] and batch.num_new_tokens == [1]
     assert again.completion_token_ids == [FAKE]
+
+
+def test_admission_keeps_headroom_for_the_running_sequences():
+    # a's next 32 tokens need 2 more blocks; admitting b would leave none for them
+    sched = make_scheduler(num_blocks=4, headroom_steps=32)
+    a, b = make_seq(16), make_seq(16, start=100)
+    sched.add(a)
+    sched.add(b)
+    batch = step(sched)
+    assert batch.seqs == [a] and list(sched.waiting) == [b]
+    # with nothing running a sequence is always admitted (progress), headroom or not
+    lone = make_scheduler(num_blocks=1, headroom_steps=32)
+    c = make_seq(10)
+    lone.add(c)
+    assert step(lone).seqs == [c]
+
+
+def test_headroom_stops_the_preempt_and_readmit_cycle():
+    """Under KV pressure a preempted sequence used to be readmitted (and recomputed) at once,
+    only to be preempted again: count the recomputed tokens with and without headroom."""
+
+    def recomputed(headroom_steps):
+        sched = make_scheduler(num_blocks=24, max_num_seqs=16, headroom_steps=headroom_steps)
+        seqs = [make_seq(20 + 7 * i, start=100 * i + 1, max_tokens=60) for i in range(16)]
+        for seq in seqs:
+            sched.add(seq)
+        prefill_tokens = 0
+        while not sched.is_finished():
+            batch = step(sched)
+            prefill_tokens += batch.num_tokens if batch.is_prefill else 0
+        assert all(s.completion_token_ids == [FAKE] * 60 for s in seqs)
+        return prefill_tokens - sum(s.num_prompt_tokens for s in seqs), sched.num_preemptions
+
+    without, preempted_without = recomputed(0)
+    with_headroom, preempted_with = recomputed(16)
+    assert preempted_without > 0 and without > 0
+    assert preempted_with < preempted_without and with_headroom < without

@@ -92,6 +92,7 @@ def test_ranks_stay_in_step_under_preemption_chunking_and_prefix_hits(tiny_model
     # 8 blocks of 16 tokens cannot hold all six sequences: decode preempts and re-prefills.
     llm = llm_of(tiny_model, num_kvcache_blocks=8, max_num_batched_tokens=32)
     assert llm.runtime.num_kvcache_blocks == 8
+    llm.scheduler.headroom_steps = 0  # admit greedily, so that decode must preempt
     assert tokens(llm, prompts) == expected
     assert llm.scheduler.num_preemptions > 0
     assert tokens(llm, prompts) == expected  # again: prefix-cache hits

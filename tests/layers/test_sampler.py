@@ -145,3 +145,79 @@ def test_the_callers_logits_are_left_alone(logits):
     Sampler()(logits, params(len(logits), temperature=0.5), generator=gen())
     Sampler()(logits, params(len(logits), temperature=0.5, top_k=3), generator=gen())
     assert torch.equal(logits, before)
+
+
+# The fused Triton path runs here through the interpreter (conftest sets TRITON_INTERPRET=1
+# without a GPU); on a GPU machine the gpu-marked test below runs it on the device.
+triton_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter test: the gpu-marked test covers the device"
+)
+
+
+def fused_draw(logits_row, n, seed=0, temperature=1.0):
+    pytest.importorskip("triton")
+    logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
+    out = Sampler(fused=True)(logits, params(n, temperature=temperature), generator=gen(seed))
+    return torch.bincount(out, minlength=logits_row.numel()).float() / n
+
+
+@triton_interpreter
+def test_fused_distribution_matches_softmax():
+    temperature = 0.5
+    logits_row = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
+    freq = fused_draw(logits_row, 1_200, temperature=temperature)
+    expected = torch.softmax(logits_row / temperature, dim=-1)
+    assert torch.allclose(freq, expected, atol=0.05), (freq, expected)  # > 3.5 sigma
+
+
+@triton_interpreter
+def test_fused_greedy_rows_and_blocks_beyond_the_first():
+    pytest.importorskip("triton")
+    from nanovllm.kernels.triton_sampling import BLOCK
+
+    # a vocabulary of several kernel blocks, the favourite in the last (partial) one
+    vocab = 2 * BLOCK + 37
+    logits = torch.randn(6, vocab, generator=gen(9))
+    logits[:, vocab - 5] += 50.0
+    temperatures = [0.0, 0.0, 0.7, 1.0, 0.0, 1e-30]
+    p = SamplingTensors.build(temperatures, [0] * 6, [1.0] * 6, torch.device("cpu"))
+    out = Sampler(fused=True)(logits.to(torch.bfloat16), p, generator=gen(1))
+    assert out.dtype == torch.int64 and out.tolist() == [vocab - 5] * 6
+    flat = torch.zeros(4, vocab)  # no favourite: sampled rows spread, greedy rows take index 0
+    p = SamplingTensors.build([0.0, 1.0, 1.0, 1.0], [0] * 4, [1.0] * 4, torch.device("cpu"))
+    sampler = Sampler(fused=True)
+    draws = torch.stack([sampler(flat, p, generator=gen(2)) for _ in range(3)])
+    assert (draws[:, 0] == 0).all() and draws[:, 1:].unique().numel() > 3
+
+
+@triton_interpreter
+def test_fused_draws_repeat_for_the_same_seed_and_move_on_between_calls():
+    pytest.importorskip("triton")
+    logits = torch.zeros(8, 300)
+    p = params(8, temperature=1.0)
+    a, b = Sampler(fused=True), Sampler(fused=True)
+    first = a(logits, p, generator=gen(5))
+    assert torch.equal(first, b(logits, p, generator=gen(5)))
+    assert not torch.equal(first, a(logits, p, generator=gen(5)))  # the next call draws anew
+
+
+@pytest.mark.gpu
+def test_fused_sampler_on_gpu_matches_softmax_and_greedy():
+    dev = torch.device("cuda")
+    vocab = 151936
+    row = torch.full((vocab,), -30.0)
+    row[:4] = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
+    n = 4096
+    logits = row.to(dev, torch.bfloat16).unsqueeze(0).expand(n, -1).contiguous()
+    st = SamplingTensors.build([1.0] * n, [0] * n, [1.0] * n, dev)
+    g = torch.Generator(dev).manual_seed(0)
+    out = Sampler()(logits, st, generator=g)
+    freq = torch.bincount(out.cpu(), minlength=vocab)[:4].float() / n
+    expected = torch.softmax(row[:4].to(torch.bfloat16).float(), dim=-1)
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+    greedy = SamplingTensors.build([0.0] * 8, [0] * 8, [1.0] * 8, dev)
+    rand = torch.randn(8, vocab, device=dev, dtype=torch.bfloat16)
+    assert torch.equal(Sampler(fused=True)(rand, greedy, generator=g), rand.float().argmax(-1))
+    mixed = SamplingTensors.build([0.0, 0.6] * 4, [0] * 8, [1.0] * 8, dev)
+    out = Sampler(fused=True)(rand, mixed, generator=g)
+    assert torch.equal(out[0::2], rand[0::2].float().argmax(-1))

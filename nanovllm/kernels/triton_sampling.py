@@ -1,0 +1,73 @@
+"""Fused sampling without filters: one pass over each row's logits.
+
+``gumbel_argmax`` returns, per row, ``argmax(logits / t + G)`` with G i.i.d. standard Gumbel
+noise, an exact draw from ``softmax(logits / t)``; rows with ``t <= 0`` take the plain argmax.
+The logits are read once in their own dtype (bf16 from the LM head) and nothing of vocabulary
+size is written: the torch version of the same draw makes five full passes in float32 (about
+1.4 ms for 512 rows of Qwen3's 152k vocabulary on an H100). The noise comes from Triton's
+counter-based Philox generator keyed by ``seed`` and the element's offset, so the call is
+deterministic for a given seed and needs no generator state on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_TEMPERATURE = 1e-5  # as the torch sampler: keeps logits / t finite
+BLOCK = 2048
+
+
+@triton.jit
+def _gumbel_argmax_kernel(
+    logits_ptr,
+    stride_row,
+    temperatures_ptr,
+    out_ptr,
+    vocab_size,
+    seed,
+    MIN_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    t = tl.load(temperatures_ptr + row)
+    greedy = t <= 0.0
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.maximum(t, MIN_T))
+    noise_scale = tl.where(greedy, 0.0, 1.0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.full((), 0, tl.int32)
+    for start in range(0, vocab_size, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < vocab_size
+        logits = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        u = tl.rand(seed, row * vocab_size + offs)  # uniform in [0, 1)
+        gumbel = -tl.log(-tl.log(u + 1e-20) + 1e-20)
+        score = tl.where(mask, logits * inv_t + noise_scale * gumbel, float("-inf"))
+        block_best = tl.max(score, axis=0)
+        block_idx = tl.argmax(score, axis=0).to(tl.int32) + start
+        better = block_best > best
+        best_idx = tl.where(better, block_idx, best_idx)
+        best = tl.where(better, block_best, best)
+    tl.store(out_ptr + row, best_idx.to(tl.int64))
+
+
+def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+    """logits [num_rows, vocab] (last dim contiguous), temperatures [num_rows] float32 ->
+    token ids [num_rows] int64. ``seed`` is a host int in [0, 2**31)."""
+    num_rows, vocab_size = logits.shape
+    assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows:
+        _gumbel_argmax_kernel[(num_rows,)](
+            logits,
+            logits.stride(0),
+            temperatures,
+            out,
+            vocab_size,
+            seed,
+            MIN_T=MIN_TEMPERATURE,
+            BLOCK=BLOCK,
+        )
+    return out
