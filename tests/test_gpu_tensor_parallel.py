@@ -142,22 +142,34 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     # One prefill step (every prompt fits max_num_batched_tokens), then STEPS - 1 decode steps.
     assert len(logits_1) == len(logits_2) == STEPS
     # Rows follow the prompts in every step (ignore_eos: no sequence leaves early).
+    # Rank partial sums are rounded to bf16 before the all-reduce, and the reduction order
+    # differs: across 36 layers that is noise of about 1% of the logits' scale per entry, and
+    # the maximum over 152k entries is several times that. A sharding error is of the order of
+    # the logits themselves. Judge the relative RMS difference, bound the maximum loosely, and
+    # require clear winners to agree.
     agree = [True] * len(prompts)  # token prefixes equal so far: their logits are comparable
-    compared = 0
+    compared, failures = 0, []
     for step, (a, b) in enumerate(zip(logits_1, logits_2)):
         assert a.shape == b.shape
         for row in range(a.shape[0]):
             if not agree[row]:
                 continue
-            err = (a[row] - b[row]).abs().max().item()
+            diff = a[row] - b[row]
+            err = diff.abs().max().item()
             scale = a[row].abs().max().item()
-            print(f"step {step} row {row}: max |diff| {err:.4f} of {scale:.3f}")
-            assert err <= 0.05 * scale, f"step {step}, prompt {row}: logits differ beyond bf16"
+            rel_rms = (diff.norm() / a[row].norm()).item()
+            print(
+                f"step {step} row {row}: relative RMS {rel_rms:.4f}, max |diff| {err:.4f} "
+                f"of {scale:.3f}"
+            )
+            if rel_rms > 0.03 or err > 0.15 * scale:
+                failures.append(f"step {step}, prompt {row}: logits differ beyond bf16")
             compared += step > 0
             top2 = a[row].topk(2).values
-            if (top2[0] - top2[1]).item() > 2 * err:  # a clear winner must win in both
-                assert a[row].argmax() == b[row].argmax(), f"step {step}, prompt {row}"
+            if (top2[0] - top2[1]).item() > 2 * err and a[row].argmax() != b[row].argmax():
+                failures.append(f"step {step}, prompt {row}: a clear winner lost")
             agree[row] = one[row][step] == two[row][step]
+    assert not failures, failures
     # Random weights give near-ties that bf16 rounding may flip; only clear winners must agree.
     same = sum(o == t for o, t in zip(one, two))
     print(f"identical {STEPS}-token greedy outputs: {same} of {len(prompts)}")
