@@ -142,13 +142,13 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     # One prefill step (every prompt fits max_num_batched_tokens), then STEPS - 1 decode steps.
     assert len(logits_1) == len(logits_2) == STEPS
     # Rows follow the prompts in every step (ignore_eos: no sequence leaves early).
-    # Rank partial sums are rounded to bf16 before the all-reduce, and the reduction order
-    # differs: across 36 layers that is noise of about 1% of the logits' scale per entry, and
-    # the maximum over 152k entries is several times that. A sharding error is of the order of
-    # the logits themselves. Judge the relative RMS difference, bound the maximum loosely, and
-    # require clear winners to agree.
+    # Rank partial sums are rounded to bf16 before the all-reduce and the reduction order
+    # differs; a random 36-layer model amplifies that (the first run saw a maximum |diff| of 6%
+    # of the largest logit, the maximum of 152k noisy entries). A sharding error gives
+    # uncorrelated logits: a relative RMS difference near 1.4. Bound the relative RMS per row
+    # and on average, the maximum loosely, and require clear winners to agree.
     agree = [True] * len(prompts)  # token prefixes equal so far: their logits are comparable
-    compared, failures = 0, []
+    compared, failures, rel = 0, [], []
     for step, (a, b) in enumerate(zip(logits_1, logits_2)):
         assert a.shape == b.shape
         for row in range(a.shape[0]):
@@ -162,7 +162,8 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
                 f"step {step} row {row}: relative RMS {rel_rms:.4f}, max |diff| {err:.4f} "
                 f"of {scale:.3f}"
             )
-            if rel_rms > 0.03 or err > 0.15 * scale:
+            rel.append(rel_rms)
+            if rel_rms > 0.1 or err > 0.2 * scale:
                 failures.append(f"step {step}, prompt {row}: logits differ beyond bf16")
             compared += step > 0
             top2 = a[row].topk(2).values
@@ -170,6 +171,9 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
                 failures.append(f"step {step}, prompt {row}: a clear winner lost")
             agree[row] = one[row][step] == two[row][step]
     assert not failures, failures
+    mean_rel = sum(rel) / len(rel)
+    print(f"mean relative RMS difference over {len(rel)} rows: {mean_rel:.4f}")
+    assert mean_rel < 0.05, mean_rel
     # Random weights give near-ties that bf16 rounding may flip; only clear winners must agree.
     same = sum(o == t for o, t in zip(one, two))
     print(f"identical {STEPS}-token greedy outputs: {same} of {len(prompts)}")
