@@ -143,10 +143,10 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     assert len(logits_1) == len(logits_2) == STEPS
     # Rows follow the prompts in every step (ignore_eos: no sequence leaves early).
     # Rank partial sums are rounded to bf16 before the all-reduce and the reduction order
-    # differs; a random 36-layer model amplifies that (the first run saw a maximum |diff| of 6%
-    # of the largest logit, the maximum of 152k noisy entries). A sharding error gives
-    # uncorrelated logits: a relative RMS difference near 1.4. Bound the relative RMS per row
-    # and on average, the maximum loosely, and require clear winners to agree.
+    # differs; a random 36-layer model amplifies that: on 2x H100 every row's relative RMS
+    # difference was 0.043-0.054 (mean 0.049) and the maximum |diff| 5-6% of the largest logit.
+    # A sharding error gives uncorrelated logits: a relative RMS difference near 1.4. Bound the
+    # relative RMS per row and on average, the maximum loosely; clear winners must agree.
     agree = [True] * len(prompts)  # token prefixes equal so far: their logits are comparable
     compared, failures, rel = 0, [], []
     for step, (a, b) in enumerate(zip(logits_1, logits_2)):
@@ -173,7 +173,7 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     assert not failures, failures
     mean_rel = sum(rel) / len(rel)
     print(f"mean relative RMS difference over {len(rel)} rows: {mean_rel:.4f}")
-    assert mean_rel < 0.05, mean_rel
+    assert mean_rel < 0.08, mean_rel
     # Random weights give near-ties that bf16 rounding may flip; only clear winners must agree.
     same = sum(o == t for o, t in zip(one, two))
     print(f"identical {STEPS}-token greedy outputs: {same} of {len(prompts)}")
