@@ -243,90 +243,6 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_split_tma_kernel(
-    q_ptr,
-    k_desc,
-    v_desc,
-    block_tables_ptr,
-    context_lens_ptr,
-    o_ptr,
-    part_o_ptr,
-    part_lse_ptr,
-    scale_log2e,
-    stride_qs,
-    stride_qh,
-    stride_bt,
-    stride_os,
-    stride_oh,
-    NUM_HEADS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    KV_BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    # As _decode_split_kernel, but each K/V tile is one tensor-memory-accelerator (TMA) copy:
-    # the cache seen as [num_blocks * block_size, num_kv_heads * head_dim] rows, a tile =
-    # BLOCK_N rows of one cache block (BLOCK_N divides block_size) at column kvh * HEAD_DIM.
-    # The copy engine keeps many bytes in flight per SM without registers, which is what a
-    # small SM partition needs to draw a large share of HBM bandwidth.
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, ctx)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
-    head = kvh * GROUP + offs_h
-    h_mask = offs_h < GROUP
-    q = tl.load(
-        q_ptr + seq.to(tl.int64) * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None],
-        other=0.0,
-    )
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    offs_t = tl.arange(0, BLOCK_N)
-    col = kvh * HEAD_DIM
-    blk_next = tl.load(table + start // KV_BLOCK_SIZE, mask=start < end, other=0)
-    for n0 in range(start, end, BLOCK_N):
-        blk = blk_next
-        blk_next = tl.load(
-            table + (n0 + BLOCK_N) // KV_BLOCK_SIZE, mask=n0 + BLOCK_N < end, other=0
-        )
-        row = blk * KV_BLOCK_SIZE + n0 % KV_BLOCK_SIZE
-        k = k_desc.load([row, col])  # [BLOCK_N, HEAD_DIM]
-        v = v_desc.load([row, col])
-        n_mask = n0 + offs_t < end
-        v = tl.where(n_mask[:, None], v, 0.0)  # rows past the context: stale, maybe NaN
-        s = tl.dot(q, tl.trans(k)) * scale_log2e
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
-        o = o_ptr + seq.to(tl.int64) * stride_os + head[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
-    else:
-        row = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=h_mask)
-        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=h_mask[:, None])
-
-
-@triton.jit
 def _decode_merge_kernel(
     part_o_ptr,
     part_lse_ptr,
@@ -392,7 +308,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3  # tiles in flight per program = num_stages - 1
     prefetch_table: bool = True
-    tma: bool = False  # K/V tiles by TMA copies (Hopper+; block_n must divide the block size)
 
 
 def default_decode_config(head_dim: int, is_gpu: bool) -> DecodeConfig:
@@ -453,80 +368,38 @@ def paged_decode_attention(
     else:
         part_o = part_lse = out  # unused by the single-split variant
 
-    grid = (num_seqs, num_kv_heads, num_splits)
-    block_h = max(16, triton.next_power_of_2(group))
-    if cfg.tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        assert kv_block_size % cfg.block_n == 0, "tma: block_n must divide the KV block size"
-        rows = k_cache.shape[0] * kv_block_size
-        assert k_cache.is_contiguous() and v_cache.is_contiguous(), "tma: contiguous caches"
-        descs = [
-            TensorDescriptor(
-                c,
-                [rows, num_kv_heads * head_dim],
-                [num_kv_heads * head_dim, 1],
-                [cfg.block_n, head_dim],
-            )
-            for c in (k_cache, v_cache)
-        ]
-        _decode_split_tma_kernel[grid](
-            q,
-            *descs,
-            block_tables,
-            context_lens,
-            out,
-            part_o,
-            part_lse,
-            scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            block_tables.stride(0),
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            GROUP=group,
-            BLOCK_H=block_h,
-            HEAD_DIM=head_dim,
-            KV_BLOCK_SIZE=kv_block_size,
-            BLOCK_N=cfg.block_n,
-            NUM_SPLITS=num_splits,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    else:
-        _decode_split_kernel[grid](
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            context_lens,
-            out,
-            part_o,
-            part_lse,
-            scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            block_tables.stride(0),
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            GROUP=group,
-            BLOCK_H=block_h,
-            HEAD_DIM=head_dim,
-            KV_BLOCK_SIZE=kv_block_size,
-            BLOCK_N=cfg.block_n,
-            NUM_SPLITS=num_splits,
-            PREFETCH_TABLE=cfg.prefetch_table,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_o,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        KV_BLOCK_SIZE=kv_block_size,
+        BLOCK_N=cfg.block_n,
+        NUM_SPLITS=num_splits,
+        PREFETCH_TABLE=cfg.prefetch_table,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_o,
