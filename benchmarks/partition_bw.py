@@ -48,6 +48,14 @@ def parse_args(argv=None):
         help="attention tiles as block_n,num_warps,num_stages (the first is the default)",
     )
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--blas",
+        choices=("default", "cublaslt"),
+        default="default",
+        help="torch.backends.cuda.preferred_blas_library for the GEMM (cuBLASLt honours the SM "
+        "budget)",
+    )
+    p.add_argument("--no-sm-budget", action="store_true", help="do not tell cuBLAS its SM count")
     p.add_argument("--json", metavar="OUT")
     return p.parse_args(argv)
 
@@ -81,6 +89,8 @@ def main(argv=None) -> dict:
     from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention
 
     dev = torch.device("cuda")
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     total_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     heads, kv_heads, d, bs, dtype = 32, 8, 128, 256, torch.bfloat16
     batch, ctx = args.batch, args.ctx
@@ -109,7 +119,7 @@ def main(argv=None) -> dict:
 
     def gemm(m, sms):
         def run():
-            with set_cublas_sm_budget(sms, total_sms):
+            with set_cublas_sm_budget(None if args.no_sm_budget else sms, total_sms):
                 for _ in range(4):
                     torch.matmul(xs[m], w)
 
