@@ -206,12 +206,24 @@ def test_gpu_auto_policy_pipelines_only_where_it_measured_faster(
     for bucket, (seq_ms, pipe_ms) in stats["calibration_ms"].items():
         assert seq_ms > 0 and pipe_ms > 0
         assert (stats["buckets"][bucket] == "pipelined") == (pipe_ms < 0.98 * seq_ms)
+    # No SM counts given: the calibration also searched the split and kept the one it measured
+    # saving the most (the automatic default when none saves anything).
+    searched = stats["split_search_ms"]
+    kept = f"{stats['attention_sms']}/{stats['ffn_sms']}"
+    assert len(searched) == 3 and searched[kept] == stats["calibration_ms"]
+
+    def saved(split):
+        return sum(max(0.0, s - p) for s, p in searched[split].values() if p < 0.98 * s)
+
+    assert saved(kept) == max(saved(split) for split in searched)
     prompts = mixed_prompts(8, seed=9)
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     llm.exit()
     # A second engine of the same shape and split loads the calibration from the disk cache.
     again = gpu_pipeline_engine(gpu_model_06b, 0.25)
-    assert again.model_runner.get_pipeline_statistics()["calibration_ms"] == stats["calibration_ms"]
+    again_stats = again.model_runner.get_pipeline_statistics()
+    assert again_stats["calibration_ms"] == stats["calibration_ms"]
+    assert again_stats["split_search_ms"] == searched
     assert [o["token_ids"] for o in again.generate(prompts, GREEDY, use_tqdm=False)] == [
         o["token_ids"] for o in out
     ]

@@ -107,6 +107,21 @@ def default_attention_sm_count(total_sms: int, min_size: int, alignment: int) ->
     return max(target, green_ctx.round_sm_count(min_size, min_size, alignment))
 
 
+# The attention shares the automatic policy's split search tries (H100, 132 SMs: 24, 40, 64).
+SEARCH_ATTENTION_FRACTIONS = (0.18, 0.30, 0.48)
+
+
+def candidate_attention_sm_counts(total_sms: int, min_size: int, alignment: int) -> list[int]:
+    """About a fifth, a third and a half of the SMs, each rounded to the granularity, leaving
+    the FFN partition at least ``min_size``; duplicates dropped."""
+    out: list[int] = []
+    for fraction in SEARCH_ATTENTION_FRACTIONS:
+        n = max(min_size, alignment * round(total_sms * fraction / alignment))
+        if n not in out and total_sms - n >= min_size:
+            out.append(n)
+    return out
+
+
 @contextlib.contextmanager
 def set_cublas_sm_budget(n_sms: int | None, total_sms: int | None = None) -> Iterator[None]:
     """Within the block, let cuBLAS(Lt) pick kernels for ``n_sms`` SMs instead of the whole GPU.
@@ -343,6 +358,15 @@ class GreenContextManager:
             if old is not None:
                 old.close()
         return self.attention_sms, self.ffn_sms
+
+    def split_candidates(self) -> list[tuple[int, int]]:
+        """(attention, ffn) SM counts for a split search, the FFN partition taking the rest."""
+        return [
+            (a, self.total_sms - a)
+            for a in candidate_attention_sm_counts(
+                self.total_sms, self._min_partition, self._alignment
+            )
+        ]
 
     def cublas_sm_budget(self, stage: str) -> contextlib.AbstractContextManager[None]:
         """``set_cublas_sm_budget`` for the partition of ``stage`` ("attention" or "ffn")."""

@@ -135,10 +135,12 @@ def store_cached(key: str, parts: list[str], buckets: dict[int, dict]) -> None:
 
 
 class PipelinePolicy:
-    """Maps a batch bucket to "pipelined" or "sequential"."""
+    """Maps a batch bucket to "pipelined" or "sequential". ``searched``: every split the
+    calibration tried, ``"attention/ffn"`` -> its per-bucket measurements."""
 
-    def __init__(self, measured: dict[int, dict]):
+    def __init__(self, measured: dict[int, dict], searched: dict[str, dict] | None = None):
         self.measured = dict(sorted(measured.items()))
+        self.searched = searched or {}
 
     def mode(self, bucket: int) -> str:
         below = [b for b in self.measured if b <= bucket]
@@ -152,38 +154,90 @@ def decide(seq_ms: float, pipe_ms: float) -> str:
     return "pipelined" if pipe_ms < seq_ms * (1 - MARGIN) else "sequential"
 
 
-@torch.inference_mode()
-def calibrate(pipe) -> PipelinePolicy:
-    """Time ``pipe``'s sequential and pipelined steps per bucket, or load the cached result."""
+def saved_ms(measured: dict[int, dict]) -> float:
+    """Step time the pipelined buckets of one split save, summed over the calibrated buckets."""
+    piped = [v for v in measured.values() if v["mode"] == "pipelined"]
+    return sum(v["sequential_ms"] - v["pipelined_ms"] for v in piped)
+
+
+def choose_split(results: dict[tuple[int, int], dict[int, dict]], default: tuple[int, int]):
+    """The split whose pipelined buckets save the most; ``default`` when none saves anything."""
+    best = max(results, key=lambda split: saved_ms(results[split]))
+    return best if saved_ms(results[best]) > 0 else default
+
+
+def _measure_split(pipe) -> tuple[dict[int, dict], str, int]:
+    """Per-bucket timings of ``pipe``'s current split: (measured, "cached"|"measured", context)."""
     runner, g = pipe.runner, pipe.green
     context = min(runner.runtime.max_model_len // 2, CALIBRATION_CONTEXT)
     key, parts = cache_key(runner, g.attention_sms, g.ffn_sms, pipe.num_microbatches, context)
-    measured, source = load_cached(key), "cached"
-    if measured is None:
-        measured, source = {}, "measured"
-        for bucket in calibration_buckets(graph_buckets(runner.config.max_num_seqs)):
-            inputs = synthetic_decode(
-                bucket,
-                context,
-                runner.block_size,
-                runner.runtime.num_kvcache_blocks,
-                runner.device,
-            )
-            seq_ms, pipe_ms = measure(pipe._sequential, pipe._pipelined, inputs)
-            mode = decide(seq_ms, pipe_ms)
-            measured[bucket] = {"mode": mode, "sequential_ms": seq_ms, "pipelined_ms": pipe_ms}
-        store_cached(key, parts, measured)
-    policy = PipelinePolicy(measured)
+    measured = load_cached(key)
+    if measured is not None:
+        return measured, "cached", context
+    measured = {}
+    for bucket in calibration_buckets(graph_buckets(runner.config.max_num_seqs)):
+        inputs = synthetic_decode(
+            bucket, context, runner.block_size, runner.runtime.num_kvcache_blocks, runner.device
+        )
+        seq_ms, pipe_ms = measure(pipe._sequential, pipe._pipelined, inputs)
+        mode = decide(seq_ms, pipe_ms)
+        measured[bucket] = {"mode": mode, "sequential_ms": seq_ms, "pipelined_ms": pipe_ms}
+    store_cached(key, parts, measured)
+    return measured, "measured", context
+
+
+def _log_policy(policy: PipelinePolicy, source: str, context: int, split: str) -> None:
     piped = [b for b, v in policy.measured.items() if v["mode"] == "pipelined"]
     logger.info(
-        "pipeline policy (%s, context %d): pipelined from buckets %s, sequential elsewhere "
-        "(sequential/pipelined ms per bucket: %s)",
+        "pipeline policy (%s, context %d, split %s): pipelined from buckets %s, sequential "
+        "elsewhere (sequential/pipelined ms per bucket: %s)",
         source,
         context,
+        split,
         piped or "none",
         {
             b: (round(v["sequential_ms"], 3), round(v["pipelined_ms"], 3))
             for b, v in policy.measured.items()
         },
     )
+
+
+@torch.inference_mode()
+def calibrate(pipe) -> PipelinePolicy:
+    """Time ``pipe``'s sequential and pipelined steps per bucket on its current split, or load
+    the cached result."""
+    measured, source, context = _measure_split(pipe)
+    policy = PipelinePolicy(measured)
+    _log_policy(policy, source, context, f"{pipe.green.attention_sms}/{pipe.green.ffn_sms}")
+    return policy
+
+
+@torch.inference_mode()
+def search_split(pipe) -> PipelinePolicy:
+    """Calibrate every candidate split (the current one first), keep the one whose pipelined
+    buckets save the most step time, or the current one when no split saves any. Each split is
+    cached on disk on its own, so a later engine re-partitions and re-captures but times
+    nothing."""
+    g = pipe.green
+    default = (g.attention_sms, g.ffn_sms)
+    order = [default] + [c for c in g.split_candidates() if c != default]
+    results: dict[tuple[int, int], dict[int, dict]] = {}
+    sources = set()
+    for attention, ffn in order:
+        if (attention, ffn) != (g.attention_sms, g.ffn_sms):
+            pipe.repartition(attention, ffn)
+        measured, source, context = _measure_split(pipe)
+        results[(g.attention_sms, g.ffn_sms)] = measured
+        sources.add(source)
+    best = choose_split(results, default)
+    if best != (g.attention_sms, g.ffn_sms):
+        pipe.repartition(*best)
+    searched = {f"{a}/{f}": m for (a, f), m in results.items()}
+    policy = PipelinePolicy(results[best], searched)
+    logger.info(
+        "pipeline split search: step time saved per split %s; keeping %d/%d",
+        {name: round(saved_ms(m), 3) for name, m in searched.items()},
+        *best,
+    )
+    _log_policy(policy, "/".join(sorted(sources)), context, f"{best[0]}/{best[1]}")
     return policy

@@ -76,6 +76,11 @@ class PipelineScheduler:
         self.graph_runner: DecodeGraphRunner | None = None
         self.policy_mode = cfg.pipeline_policy
         self.policy: policy_lib.PipelinePolicy | None = None
+        # Automatic counts: the first calibration also chooses the split (never after a
+        # user's adjust_sm_allocation, which is honoured as given).
+        self._search_split = (
+            cfg.pipeline_attention_sm_count is None and cfg.pipeline_ffn_sm_count is None
+        )
         if not self.active:
             return
         hf, rows = runner.runtime.hf_config, cfg.max_num_seqs
@@ -225,10 +230,18 @@ class PipelineScheduler:
         if self.policy_mode != "auto" or self.runner.device.type != "cuda":
             return None  # "always", or a serial emulation without CUDA timing
         profiling, self.stats.profiling = self.stats.profiling, False  # no stage timers
+        search, self._search_split = self._search_split, False
         try:
-            return policy_lib.calibrate(self)
+            return policy_lib.search_split(self) if search else policy_lib.calibrate(self)
         finally:
             self.stats.profiling = profiling
+
+    def repartition(self, attention_sm_count: int, ffn_sm_count: int) -> None:
+        """Re-partition and re-capture the pipelined graphs now (the split search)."""
+        self.green.adjust_sm_allocation(attention_sm_count, ffn_sm_count)
+        if self.graph_runner is not None:
+            self.graph_runner.capture()
+        self._graph_generation = self.green.generation
 
     # ------------------------------------------------------------------ control
     def adjust_sm_allocation(self, attention_sm_count: int, ffn_sm_count: int) -> tuple[int, int]:
@@ -275,6 +288,11 @@ class PipelineScheduler:
             stats["calibration_ms"] = {
                 b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in self.policy.measured.items()
             }
+            if self.policy.searched:
+                stats["split_search_ms"] = {
+                    split: {b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in m.items()}
+                    for split, m in self.policy.searched.items()
+                }
         stats.update(self.stats.as_dict())
         return stats
 

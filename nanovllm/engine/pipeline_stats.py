@@ -111,6 +111,8 @@ def format_table(stats: dict) -> str:
     for key in keys:
         if key in stats:
             lines.append(f"{key:<20}{stats[key]}")
+    if "split_search_ms" in stats:
+        lines.append(f"{'splits tried':<20}{', '.join(stats['split_search_ms'])}")
     if "buckets" in stats:
         modes = ", ".join(f"{bs}:{m}" for bs, m in sorted(stats["buckets"].items()))
         lines.append(f"{'bucket modes':<20}{modes}")

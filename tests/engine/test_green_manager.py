@@ -21,6 +21,7 @@ from green_ctx import GreenContextError
 from nanovllm.engine import green_manager
 from nanovllm.engine.green_manager import (
     GreenContextManager,
+    candidate_attention_sm_counts,
     default_attention_sm_count,
     set_cublas_sm_budget,
     validate_sm_counts,
@@ -103,6 +104,14 @@ def test_default_attention_share():
     assert default_attention_sm_count(132, 8, 8) == 40
     assert default_attention_sm_count(108, 4, 2) == 36
     assert default_attention_sm_count(16, 8, 8) == 8
+
+
+def test_split_search_candidates():
+    assert candidate_attention_sm_counts(132, 8, 8) == [24, 40, 64]  # H100
+    assert candidate_attention_sm_counts(108, 4, 2) == [20, 32, 52]  # A100
+    # a small GPU: every share rounds to the minimum partition; the FFN keeps its minimum too
+    assert candidate_attention_sm_counts(16, 8, 8) == [8]
+    assert candidate_attention_sm_counts(8, 8, 8) == []
 
 
 # ----------------------------------------------------------------------------------------------

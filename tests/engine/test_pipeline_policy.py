@@ -1,5 +1,7 @@
 """The pipelining policy's pure parts: decisions, bucket mapping, the disk cache."""
 
+from types import SimpleNamespace
+
 import torch
 
 from nanovllm.engine import pipeline_policy as pp
@@ -42,3 +44,98 @@ def test_synthetic_decode_writes_nothing_and_wraps_blocks():
     assert meta.block_tables.shape == (4, 3) and int(meta.block_tables.max()) < 5
     assert meta.context_lens.tolist() == [40] * 4
     assert torch.equal(inputs.positions, torch.full((4,), 39))
+
+
+def timings(**modes_ms):
+    """{bucket: entry} from b<bucket>=(sequential_ms, pipelined_ms), decided as calibrate does."""
+    out = {}
+    for name, (seq, pipe) in modes_ms.items():
+        out[int(name[1:])] = {
+            "mode": pp.decide(seq, pipe),
+            "sequential_ms": seq,
+            "pipelined_ms": pipe,
+        }
+    return out
+
+
+def test_choose_split_keeps_the_default_unless_a_split_saves_time():
+    losing = {(24, 108): timings(b2=(1.0, 1.5)), (40, 92): timings(b2=(1.0, 1.2))}
+    assert pp.choose_split(losing, (40, 92)) == (40, 92)
+    winning = {
+        (24, 108): timings(b2=(1.0, 1.5), b64=(10.0, 9.0)),  # saves 1 ms
+        (40, 92): timings(b2=(1.0, 1.2), b64=(10.0, 8.0)),  # saves 2 ms
+        (64, 68): timings(b2=(1.0, 0.9), b64=(10.0, 9.9)),  # 0.1 ms (9.9: within the margin)
+    }
+    assert pp.saved_ms(winning[(40, 92)]) == 2.0
+    assert abs(pp.saved_ms(winning[(64, 68)]) - 0.1) < 1e-9  # only bucket 2 was pipelined
+    assert pp.choose_split(winning, (24, 108)) == (40, 92)
+
+
+class FakeGreen:
+    total_sms = 132
+
+    def __init__(self):
+        self.attention_sms, self.ffn_sms = 40, 92
+
+    def split_candidates(self):
+        return [(24, 108), (40, 92), (64, 68)]
+
+
+class FakePipe:
+    """What search_split touches: the runner's sizes, the green split, two step functions
+    and repartition (which the real scheduler follows with a graph re-capture)."""
+
+    def __init__(self, pipelined_ms: dict[int, float]):
+        self.green = FakeGreen()
+        self.runner = SimpleNamespace(
+            runtime=SimpleNamespace(max_model_len=512, num_kvcache_blocks=64),
+            config=SimpleNamespace(max_num_seqs=8),
+            block_size=16,
+            device=torch.device("cpu"),
+        )
+        self.num_microbatches = 2
+        self.pipelined_ms = pipelined_ms  # per attention SM count
+        self.repartitions = []
+
+    def repartition(self, attention, ffn):
+        self.repartitions.append((attention, ffn))
+        self.green.attention_sms, self.green.ffn_sms = attention, ffn
+
+    def _sequential(self, inputs):
+        return 10.0
+
+    def _pipelined(self, inputs):
+        return self.pipelined_ms[self.green.attention_sms]
+
+
+def search(monkeypatch, tmp_path, pipelined_ms):
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
+    pipe = FakePipe(pipelined_ms)
+
+    def fake_key(runner, attention_sms, ffn_sms, m, context):
+        return f"{attention_sms}-{ffn_sms}", [f"sms={attention_sms},{ffn_sms}"]
+
+    monkeypatch.setattr(pp, "cache_key", fake_key)
+    # "timing" a step = calling it: the fake steps return their milliseconds
+    monkeypatch.setattr(pp, "measure", lambda seq, piped, inputs: (seq(inputs), piped(inputs)))
+    return pipe, pp.search_split(pipe)
+
+
+def test_search_split_tries_every_candidate_and_keeps_the_fastest(monkeypatch, tmp_path):
+    pipe, policy = search(monkeypatch, tmp_path, {24: 9.0, 40: 9.5, 64: 12.0})
+    # the current split first, then the others; back to the winner at the end
+    assert pipe.repartitions == [(24, 108), (64, 68), (24, 108)]
+    assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (24, 108)
+    assert set(policy.searched) == {"40/92", "24/108", "64/68"}
+    assert policy.mode(8) == "pipelined" and policy.measured[8]["pipelined_ms"] == 9.0
+    # a second search reads every split from the cache: same answer, same re-partitions
+    pipe2, policy2 = search(monkeypatch, tmp_path, {24: 99.0, 40: 99.0, 64: 99.0})
+    assert pipe2.repartitions == pipe.repartitions
+    assert policy2.searched == policy.searched
+
+
+def test_search_split_stays_on_the_default_when_nothing_wins(monkeypatch, tmp_path):
+    pipe, policy = search(monkeypatch, tmp_path, {24: 11.0, 40: 10.0, 64: 12.0})
+    assert pipe.repartitions == [(24, 108), (64, 68), (40, 92)]
+    assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (40, 92)
+    assert policy.mode(8) == "sequential" and len(policy.searched) == 3
