@@ -15,6 +15,7 @@ import torch
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import SamplingTensors
+from nanovllm.utils.tensors import to_device
 
 
 @dataclass
@@ -45,11 +46,6 @@ class StepPlan:
     # decode; prefill too when some sequence continues after cached or computed tokens
     context_lens: list[int] | None = None
     block_tables: list[list[int]] | None = None  # rows padded with -1
-
-
-def _tensor(data, dtype, device) -> torch.Tensor:
-    pin = device.type == "cuda"
-    return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
 
 def _block_table_rows(batch: ScheduledBatch) -> list[list[int]]:
@@ -119,27 +115,27 @@ def to_model_inputs(plan: StepPlan, device: torch.device) -> ModelInputs:
     if plan.is_prefill:
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=_tensor(plan.slot_mapping, i32, device),
-            cu_seqlens_q=_tensor(plan.cu_seqlens_q, i32, device),
-            cu_seqlens_k=_tensor(plan.cu_seqlens_k, i32, device),
+            slot_mapping=to_device(plan.slot_mapping, i32, device),
+            cu_seqlens_q=to_device(plan.cu_seqlens_q, i32, device),
+            cu_seqlens_k=to_device(plan.cu_seqlens_k, i32, device),
             max_seqlen_q=plan.max_seqlen_q,
             max_seqlen_k=plan.max_seqlen_k,
-            block_tables=_tensor(tables, i32, device) if tables is not None else None,
+            block_tables=to_device(tables, i32, device) if tables is not None else None,
         )
     else:
         meta = AttentionMetadata(
             is_prefill=False,
-            slot_mapping=_tensor(plan.slot_mapping, i32, device),
-            context_lens=_tensor(plan.context_lens, i32, device),
-            block_tables=_tensor(tables, i32, device),
+            slot_mapping=to_device(plan.slot_mapping, i32, device),
+            context_lens=to_device(plan.context_lens, i32, device),
+            block_tables=to_device(tables, i32, device),
         )
     if plan.logits_indices is None:
         logits_indices = torch.arange(len(plan.input_ids), device=device)
     else:
-        logits_indices = _tensor(plan.logits_indices, torch.int64, device)
+        logits_indices = to_device(plan.logits_indices, torch.int64, device)
     return ModelInputs(
-        input_ids=_tensor(plan.input_ids, torch.int64, device),
-        positions=_tensor(plan.positions, torch.int64, device),
+        input_ids=to_device(plan.input_ids, torch.int64, device),
+        positions=to_device(plan.positions, torch.int64, device),
         meta=meta,
         logits_indices=logits_indices,
         sampling_rows=plan.sampling_rows,

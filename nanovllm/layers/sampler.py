@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.utils.tensors import to_device
+
 _MIN_TEMPERATURE = 1e-5
 
 
@@ -30,15 +32,10 @@ class SamplingTensors:
         device: torch.device,
     ) -> SamplingTensors:
         sampled = [i for i, t in enumerate(temperatures) if t > 0]
-        pin = device.type == "cuda"
-
-        def to(data, dtype):
-            return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
-
         return cls(
-            temperatures=to(temperatures, torch.float32),
-            top_ks=to(top_ks, torch.int64),
-            top_ps=to(top_ps, torch.float32),
+            temperatures=to_device(temperatures, torch.float32, device),
+            top_ks=to_device(top_ks, torch.int64, device),
+            top_ps=to_device(top_ps, torch.float32, device),
             all_greedy=not sampled,
             any_filter=any(top_ks[i] > 0 or top_ps[i] < 1.0 for i in sampled),
         )
@@ -60,17 +57,21 @@ class Sampler(nn.Module):
         super().__init__()
         self.fused = fused
         self._fused_calls = 0  # the kernel's noise is keyed by (generator seed, call count)
+        self._has_triton: bool | None = None  # looked up once, on the first candidate call
 
     def _use_fused(self, logits: torch.Tensor) -> bool:
         if self.fused is False or (self.fused is None and not logits.is_cuda):
             return False
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            if self.fused:
-                raise ImportError("Sampler(fused=True) needs Triton: pip install triton") from None
-            return False
-        return True
+        if self._has_triton is None:
+            try:
+                import triton  # noqa: F401
+
+                self._has_triton = True
+            except ImportError:
+                self._has_triton = False
+        if self.fused and not self._has_triton:
+            raise ImportError("Sampler(fused=True) needs Triton: pip install triton")
+        return self._has_triton
 
     def forward(
         self, logits: torch.Tensor, params: SamplingTensors, generator=None
