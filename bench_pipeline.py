@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import torch
 
 from benchmarks.common import (
-    SHAPES,
-    add_common_args,
+    add_decode_sweep_args,
     build_decode_engine,
     decode_step_fn,
     environment,
     format_table,
     free_memory,
-    measure_card,
-    model_path,
+    measure_and_print_card,
     plan_decode,
     release_engine,
     resolve_device,
+    sweep_models,
     synthetic_decode_inputs,
     time_fns,
     write_json,
@@ -77,24 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--shape", nargs="+", choices=SHAPES, help="default: 0.6b 8b (quick: tiny)")
-    p.add_argument("--model", help="a checkpoint folder instead of --shape (weights loaded)")
     p.add_argument("--grid", choices=("default", "full"), default="default")
     p.add_argument("--batches", type=int, nargs="+", help="override the grid's batches")
     p.add_argument("--ctxs", type=int, nargs="+", help="override the grid's contexts")
     p.add_argument("--splits", nargs="+", help="attention,ffn SM counts, e.g. 32,96 48,80")
     p.add_argument("--microbatches", type=int, nargs="+", help="micro-batch counts, e.g. 2 3")
-    p.add_argument("--reps", type=int, help="timed steps per variant, median (default 20)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reserve-gib", type=float, default=5.0, help="memory kept off the KV cache")
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=4096,
-        help="engine max_model_len (raised to the largest ctx); it sets the width of the "
-        "captured block tables, from which the decode kernel picks its split count",
-    )
-    add_common_args(p)
+    add_decode_sweep_args(p, reps=20, warmup=3, reserve_gib=5.0)
     args = p.parse_args(argv)
     grid = GRIDS["quick" if args.quick else args.grid]
     args.shape = args.shape or (["tiny"] if args.quick else ["0.6b", "8b"])
@@ -193,20 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     device = resolve_device(args.device)
     env = environment(device)
-    card = measure_card(
-        device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick
-    )
-    print(
-        f"card: {env['card']}  copy {card['copy_gbs']:.0f} GB/s  "
-        f"{card['matmul_dtype']} matmul {card['peak_tflops']:.1f} TFLOP/s"
-    )
-    models = (
-        [(os.path.basename(os.path.normpath(args.model)), args.model, False)]
-        if args.model
-        else [(s, model_path(s), True) for s in args.shape]
-    )
+    card = measure_and_print_card(device, env, args.quick)
     print(format_table([], COLUMNS))
-    results = [bench_model(args, name, path, dummy, device, card) for name, path, dummy in models]
+    results = [
+        bench_model(args, name, path, dummy, device, card)
+        for name, path, dummy in sweep_models(args)
+    ]
     rows = [r for m in results for r in m["rows"]]
     print("\n" + format_table(rows, COLUMNS))
     payload = {

@@ -354,6 +354,42 @@ def kv_blocks_that_fit(cost: ModelCost, device: torch.device, args) -> int | Non
     return max(0, int(budget // cost.block_bytes(BLOCK_SIZE)))
 
 
+def add_decode_sweep_args(p, reps: int, warmup: int, reserve_gib: float) -> None:
+    """The options decode_step.py and bench_pipeline.py share: models, repetitions, memory."""
+    p.add_argument("--shape", nargs="+", choices=SHAPES, help="default: 0.6b 8b (quick: tiny)")
+    p.add_argument("--model", help="a checkpoint folder instead of --shape (weights loaded)")
+    p.add_argument("--reps", type=int, help=f"timed steps per point, median (default {reps})")
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument(
+        "--reserve-gib", type=float, default=reserve_gib, help="memory kept off the KV cache"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="engine max_model_len (raised to the largest ctx); it sets the width of the "
+        "captured block tables, from which the decode kernel picks its split count",
+    )
+    add_common_args(p)
+
+
+def sweep_models(args) -> list[tuple[str, str, bool]]:
+    """(name, path, dummy weights) per model to sweep: ``--model`` or every ``--shape``."""
+    if args.model:
+        return [(os.path.basename(os.path.normpath(args.model)), args.model, False)]
+    return [(s, model_path(s), True) for s in args.shape]
+
+
+def measure_and_print_card(device: torch.device, env: dict, quick: bool) -> dict:
+    """``measure_card`` in the sweep dtype (bf16 on CUDA), printed in one line."""
+    card = measure_card(device, torch.bfloat16 if device.type == "cuda" else torch.float32, quick)
+    print(
+        f"card: {env['card']}  copy {card['copy_gbs']:.0f} GB/s  "
+        f"{card['matmul_dtype']} matmul {card['peak_tflops']:.1f} TFLOP/s"
+    )
+    return card
+
+
 def plan_decode(name: str, hf_config, device: torch.device, args):
     """(cost model, (batch, ctx) points that fit in memory, points skipped); prints the skips."""
     from nanovllm.utils.hf import resolve_dtype

@@ -25,18 +25,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    SHAPES,
-    add_common_args,
+    add_decode_sweep_args,
     build_decode_engine,
     decode_step_fn,
     environment,
     format_table,
     free_memory,
-    measure_card,
-    model_path,
+    measure_and_print_card,
     plan_decode,
     release_engine,
     resolve_device,
+    sweep_models,
     synthetic_decode_inputs,
     time_fns,
     write_json,
@@ -61,21 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--shape", nargs="+", choices=SHAPES, help="default: 0.6b 8b (quick: tiny)")
-    p.add_argument("--model", help="a checkpoint folder instead of --shape (weights loaded)")
     p.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64 128 256 512")
     p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 2048")
-    p.add_argument("--reps", type=int, help="timed steps per point, median (default 30)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept off the KV cache")
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=4096,
-        help="engine max_model_len (raised to the largest ctx); it sets the width of the "
-        "captured block tables, from which the decode kernel picks its split count",
-    )
-    add_common_args(p)
+    add_decode_sweep_args(p, reps=30, warmup=5, reserve_gib=4.0)
     args = p.parse_args(argv)
     q = args.quick
     args.shape = args.shape or (["tiny"] if q else ["0.6b", "8b"])
@@ -129,19 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     device = resolve_device(args.device)
     env = environment(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = measure_card(device, dtype, args.quick)
-    print(
-        f"card: {env['card']}  copy {card['copy_gbs']:.0f} GB/s  "
-        f"{card['matmul_dtype']} matmul {card['peak_tflops']:.1f} TFLOP/s"
-    )
-    models = (
-        [(os.path.basename(os.path.normpath(args.model)), args.model, False)]
-        if args.model
-        else [(s, model_path(s), True) for s in args.shape]
-    )
+    card = measure_and_print_card(device, env, args.quick)
     print(format_table([], COLUMNS))
-    results = [bench_model(args, name, path, dummy, device, card) for name, path, dummy in models]
+    results = [
+        bench_model(args, name, path, dummy, device, card)
+        for name, path, dummy in sweep_models(args)
+    ]
     print()
     print(format_table([r for m in results for r in m["rows"]], COLUMNS))
     payload = {
