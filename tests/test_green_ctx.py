@@ -128,23 +128,21 @@ class FakeDriver:
     def cuStreamSynchronize(self, stream):
         return self._call("cuStreamSynchronize", stream) or OK
 
-    def cuStreamDestroy(self, stream):
-        err = self._call("cuStreamDestroy", stream)
+    def _destroy(self, func, handle, live: set):
+        """A destroy call: an injected error, or an unknown handle, or the handle released."""
+        err = self._call(func, handle)
         if err:
             return err
-        if stream not in self.live_streams:
+        if handle not in live:
             return FakeResult.CUDA_ERROR_INVALID_HANDLE
-        self.live_streams.remove(stream)
+        live.remove(handle)
         return OK
 
+    def cuStreamDestroy(self, stream):
+        return self._destroy("cuStreamDestroy", stream, self.live_streams)
+
     def cuGreenCtxDestroy(self, ctx):
-        err = self._call("cuGreenCtxDestroy", ctx)
-        if err:
-            return err
-        if ctx not in self.live_ctx:
-            return FakeResult.CUDA_ERROR_INVALID_HANDLE
-        self.live_ctx.remove(ctx)
-        return OK
+        return self._destroy("cuGreenCtxDestroy", ctx, self.live_ctx)
 
 
 def use_fake_driver(monkeypatch, driver: FakeDriver) -> FakeDriver:
