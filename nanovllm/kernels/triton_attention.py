@@ -135,6 +135,21 @@ def store_kvcache(
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, offs_t, num_valid, m_i, l_i, acc, scale_log2e):
+    """One [BLOCK_N]-key tile of flash-decoding (keys offs_t < num_valid are real): returns the
+    updated (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
+    s = tl.where((offs_t < num_valid)[None, :], s, float("-inf"))
+    # Every tile holds at least one valid key, so m_new is finite and nothing is NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -164,6 +179,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    TILE_IN_BLOCK: tl.constexpr,
 ):
     # Program (seq, kv_head, split): the GROUP query heads sharing one KV head are packed into
     # the rows of a [BLOCK_H, HEAD_DIM] tile (BLOCK_H >= 16 for tl.dot, padded rows masked), so
@@ -193,39 +209,73 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    # A tile may span several cache blocks (block_size < BLOCK_N): block ids are per token.
     offs_t = tl.arange(0, BLOCK_N)
-    blk_next = tl.load(
-        table + (start + offs_t) // KV_BLOCK_SIZE, mask=start + offs_t < end, other=0
-    )
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + offs_t
-        n_mask = offs_n < end
-        if PREFETCH_TABLE:
-            # Block ids come one iteration ahead through a loop-carried value: the K/V loads
-            # then depend on no load of their own iteration, and Triton's pipeliner gives them
-            # all num_stages - 1 stages of prefetch (an in-iteration index load would count as
-            # a level of indirection and halve that).
+    if TILE_IN_BLOCK:
+        # BLOCK_N divides the cache block size and splits start on tile boundaries, so a tile
+        # lies in one cache block: one block id per tile, and the tile's element offsets are
+        # loop-invariant ([BLOCK_N, HEAD_DIM], hoisted), leaving one scalar add per tile for
+        # the addresses. Full tiles load without masks; at most the last one is partial. This
+        # halves the instructions per byte, which is what limits the kernel on a partition of
+        # few SMs (benchmarks/sm_bandwidth.py).
+        k_tile = k_cache_ptr + kvh * stride_kch + offs_t[:, None] * stride_kcs + offs_d[None, :]
+        v_tile = v_cache_ptr + kvh * stride_vch + offs_t[:, None] * stride_vcs + offs_d[None, :]
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # empty split: start
+        # The block id comes one tile ahead (a loop-carried scalar), so the K/V loads depend on
+        # no load of their own iteration and get all num_stages - 1 stages of prefetch.
+        blk_next = tl.load(table + start // KV_BLOCK_SIZE, mask=start < end, other=0)
+        for n0 in range(start, full_end, BLOCK_N):
             blk = blk_next.to(tl.int64)
-            offs_next = offs_n + BLOCK_N
-            blk_next = tl.load(table + offs_next // KV_BLOCK_SIZE, mask=offs_next < end, other=0)
-        else:
-            blk = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        pos = offs_n % KV_BLOCK_SIZE
-        k_row = blk * stride_kcb + pos * stride_kcs + kvh * stride_kch  # [BLOCK_N]
-        v_row = blk * stride_vcb + pos * stride_vcs + kvh * stride_vch
-        k = tl.load(k_cache_ptr + k_row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + v_row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-
-        s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds at least one valid key, so m_new is finite and nothing is NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            nxt = n0 + BLOCK_N
+            blk_next = tl.load(table + nxt // KV_BLOCK_SIZE, mask=nxt < end, other=0)
+            pos = n0 % KV_BLOCK_SIZE
+            k = tl.load(k_tile + (blk * stride_kcb + pos * stride_kcs))
+            v = tl.load(v_tile + (blk * stride_vcb + pos * stride_vcs))
+            m_i, l_i, acc = _online_softmax_step(
+                q, k, v, offs_t, BLOCK_N, m_i, l_i, acc, scale_log2e
+            )
+        if full_end < end:
+            blk = blk_next.to(tl.int64)
+            pos = full_end % KV_BLOCK_SIZE
+            n_mask = (full_end + offs_t < end)[:, None]
+            k = tl.load(k_tile + (blk * stride_kcb + pos * stride_kcs), mask=n_mask, other=0.0)
+            v = tl.load(v_tile + (blk * stride_vcb + pos * stride_vcs), mask=n_mask, other=0.0)
+            m_i, l_i, acc = _online_softmax_step(
+                q, k, v, offs_t, end - full_end, m_i, l_i, acc, scale_log2e
+            )
+    else:
+        # A tile may span several cache blocks (block_size < BLOCK_N): block ids are per token.
+        blk_next = tl.load(
+            table + (start + offs_t) // KV_BLOCK_SIZE, mask=start + offs_t < end, other=0
+        )
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + offs_t
+            if PREFETCH_TABLE:
+                # Block ids come one iteration ahead through a loop-carried value: the K/V loads
+                # then depend on no load of their own iteration, and Triton's pipeliner gives
+                # them all num_stages - 1 stages of prefetch (an in-iteration index load would
+                # count as a level of indirection and halve that).
+                blk = blk_next.to(tl.int64)
+                offs_next = offs_n + BLOCK_N
+                blk_next = tl.load(
+                    table + offs_next // KV_BLOCK_SIZE, mask=offs_next < end, other=0
+                )
+            else:
+                blk = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=offs_n < end, other=0).to(
+                    tl.int64
+                )
+            n_mask = offs_n < end
+            pos = offs_n % KV_BLOCK_SIZE
+            k_row = blk * stride_kcb + pos * stride_kcs + kvh * stride_kch  # [BLOCK_N]
+            v_row = blk * stride_vcb + pos * stride_vcs + kvh * stride_vch
+            k = tl.load(
+                k_cache_ptr + k_row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+            )
+            v = tl.load(
+                v_cache_ptr + v_row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+            )
+            m_i, l_i, acc = _online_softmax_step(
+                q, k, v, offs_t, end - n0, m_i, l_i, acc, scale_log2e
+            )
 
     has_keys = l_i > 0.0  # False for empty splits and context_len 0 rows
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -308,6 +358,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3  # tiles in flight per program = num_stages - 1
     prefetch_table: bool = True
+    tile_in_block: bool = True  # one block id per tile when BLOCK_N divides the block size
 
 
 def default_decode_config(head_dim: int, is_gpu: bool) -> DecodeConfig:
@@ -397,6 +448,7 @@ def paged_decode_attention(
         BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits,
         PREFETCH_TABLE=cfg.prefetch_table,
+        TILE_IN_BLOCK=cfg.tile_in_block and kv_block_size % cfg.block_n == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -169,16 +169,18 @@ def test_store_kvcache_empty_cache_is_noop_cpu():
 
 @interpreter
 @pytest.mark.parametrize(
-    "block_size,group,num_splits,block_n,prefetch",
+    "block_size,group,num_splits,block_n,prefetch,tile_in_block",
     [
-        (16, 1, None, 16, True),  # shape-chosen splits (1 here)
-        (16, 4, 4, 32, True),  # tiles span two cache blocks
-        (16, 4, 4, 32, False),  # block ids loaded in the tile's own iteration
-        (32, 4, 2, 16, True),  # several tiles per block
-        (32, 1, 3, 16, False),  # split count not a power of two
+        (16, 1, None, 16, True, True),  # shape-chosen splits (1 here)
+        (16, 4, 4, 32, True, True),  # tiles span two cache blocks (per-token block ids)
+        (16, 4, 4, 32, False, True),  # block ids loaded in the tile's own iteration
+        (32, 4, 2, 16, True, True),  # several tiles per block, one block id per tile
+        (32, 4, 2, 16, True, False),  # ... the same through per-token block ids
+        (32, 1, 3, 16, False, True),  # split count not a power of two
+        (32, 2, 16, 16, True, True),  # more splits than tiles: empty splits
     ],
 )
-def test_decode_cpu(block_size, group, num_splits, block_n, prefetch):
+def test_decode_cpu(block_size, group, num_splits, block_n, prefetch, tile_in_block):
     lens = [37, 0, 64, 5]  # not block multiples, a padding row, an exact multiple
     q, k_cache, v_cache, meta = decode_case(lens, 2, group, 16, block_size, torch.float32, CPU)
     ref = TORCH.decode(q, k_cache, v_cache, meta, 0.25)
@@ -190,7 +192,9 @@ def test_decode_cpu(block_size, group, num_splits, block_n, prefetch):
         meta.context_lens,
         0.25,
         num_splits=num_splits,
-        config=DecodeConfig(block_n=block_n, num_stages=1, prefetch_table=prefetch),
+        config=DecodeConfig(
+            block_n=block_n, num_stages=1, prefetch_table=prefetch, tile_in_block=tile_in_block
+        ),
     )
     assert_close(out, ref, atol=1e-5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -309,6 +313,8 @@ def test_decode_splits_gpu(dtype, head_dim, num_kv_heads, group, num_splits):
         DecodeConfig(block_n=64, num_stages=4, prefetch_table=False),
         DecodeConfig(block_n=128, num_warps=8, num_stages=2),
         DecodeConfig(block_n=64, num_warps=8, num_stages=5),
+        DecodeConfig(block_n=64, num_warps=4, num_stages=3, tile_in_block=False),
+        DecodeConfig(block_n=32, num_warps=4, num_stages=1),
     ],
 )
 @pytest.mark.parametrize("block_size", [16, 256])
