@@ -127,6 +127,7 @@ def vars_of(cfg: DecodeConfig) -> dict:
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
         "prefetch_table": cfg.prefetch_table,
+        "tile_in_block": cfg.tile_in_block,
     }
 
 
@@ -189,6 +190,12 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--no-prefetch-table", action="store_true")
+    ap.add_argument(
+        "--per-token-block-ids",
+        action="store_true",
+        help="block ids per key even when a tile lies in one cache block (the kernel before "
+        "one id per tile; for A/B runs)",
+    )
     ap.add_argument("--sweep", action="store_true", help="try a grid of tile configs per shape")
     ap.add_argument("--calls", type=int, default=10, help="decode calls per captured graph")
     ap.add_argument("--reps", type=int, default=30, help="timed graph replays (median)")
@@ -203,6 +210,7 @@ def main() -> None:
         num_warps=args.num_warps or base.num_warps,
         num_stages=args.num_stages or base.num_stages,
         prefetch_table=base.prefetch_table and not args.no_prefetch_table,
+        tile_in_block=base.tile_in_block and not args.per_token_block_ids,
     )
     configs = sweep_configs() if args.sweep else [cfg]
 

@@ -6,10 +6,12 @@ decode shapes:
 - ``attn``: the paged decode-attention kernel alone on the N-SM partition: GB/s of KV read,
   as a fraction of the same kernel on the whole GPU;
 - ``gemm``: a gate/up-shaped GEMM ([M, 4096] x [4096, 24576], bf16) alone on the other partition
-  (cuBLAS told its SM count): TFLOP/s, as a fraction of the whole GPU;
+  (cuBLAS told its SM count, or with ``--gemm-impl triton`` a persistent Triton GEMM with one
+  program per SM of the partition): TFLOP/s, as a fraction of the same GEMM on the whole GPU;
 - ``both``: the two at once, each on its own partition (the pipeline's overlap), the time until
-  both finish against running them one after the other on the whole GPU: the best case for a
-  two-stage pipeline with these two kernels and no dependencies between them.
+  both finish against running them one after the other on the whole GPU (with the faster of this
+  GEMM and cuBLAS): the best case for a two-stage pipeline with these two kernels and no
+  dependencies between them.
 
 Attention tile configurations can be swept (``--configs``) to find one that keeps HBM busy from
 few SMs.
@@ -56,8 +58,65 @@ def parse_args(argv=None):
         "budget)",
     )
     p.add_argument("--no-sm-budget", action="store_true", help="do not tell cuBLAS its SM count")
+    p.add_argument(
+        "--gemm-impl",
+        choices=("cublas", "triton"),
+        default="cublas",
+        help="triton: a persistent Triton GEMM with one program per SM of its partition",
+    )
+    p.add_argument(
+        "--gemm-tile",
+        default="128,256,64,8,3",
+        help="the Triton GEMM's block_m,block_n,block_k,num_warps,num_stages",
+    )
     p.add_argument("--json", metavar="OUT")
     return p.parse_args(argv)
+
+
+def persistent_matmul():
+    """C = A @ B with one program per SM looping over output tiles (grouped along M so that
+    programs running together share B tiles in L2). Shapes must be tile multiples."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mm(
+        a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        num_m = M // BLOCK_M
+        num_n = N // BLOCK_N
+        offs_k = tl.arange(0, BLOCK_K)
+        for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+            group = tile // (GROUP_M * num_n)
+            first_m = group * GROUP_M
+            group_m = min(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % (GROUP_M * num_n)) % group_m
+            pid_n = (tile % (GROUP_M * num_n)) // group_m
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            a = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+            b = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for _ in range(0, K, BLOCK_K):
+                acc = tl.dot(tl.load(a), tl.load(b), acc)
+                a += BLOCK_K
+                b += BLOCK_K * stride_bk
+            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty))
+
+    def run(x, w, out, programs, tile):
+        bm, bn, bk, warps, stages = tile
+        m, k = x.shape
+        n = w.shape[1]
+        assert m % bm == 0 and n % bn == 0 and k % bk == 0, "shapes must be tile multiples"
+        _mm[(programs,)](
+            x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    return run
 
 
 def events_ms(fn_by_stream: dict, reps: int) -> tuple[float, dict]:
@@ -117,11 +176,19 @@ def main(argv=None) -> dict:
     w = torch.randn(4096, 24576, dtype=dtype, device=dev)
     xs = {m: torch.randn(m, 4096, dtype=dtype, device=dev) for m in args.gemm_m}
 
+    outs = {m: torch.empty(m, w.shape[1], dtype=dtype, device=dev) for m in args.gemm_m}
+    mm = persistent_matmul() if args.gemm_impl == "triton" else None
+    tile = tuple(int(v) for v in args.gemm_tile.split(","))
+
     def gemm(m, sms):
         def run():
+            if mm is not None:
+                for _ in range(4):
+                    mm(xs[m], w, outs[m], sms or total_sms, tile)
+                return
             with set_cublas_sm_budget(None if args.no_sm_budget else sms, total_sms):
                 for _ in range(4):
-                    torch.matmul(xs[m], w)
+                    torch.matmul(xs[m], w, out=outs[m])
 
         return run
 
@@ -137,11 +204,19 @@ def main(argv=None) -> dict:
         ms, _ = events_ms({"a": (default, attention(cfg, None))}, args.reps)
         whole_attn[cfg] = ms
     whole_gemm = {m: events_ms({"g": (default, gemm(m, None))}, args.reps)[0] for m in xs}
+    # The serial reference is always the faster GEMM on the whole GPU (cuBLAS or this one).
+    whole_cublas = {
+        m: events_ms({"g": (default, lambda m=m: [torch.matmul(xs[m], w) for _ in range(4)])},
+                     args.reps)[0]
+        for m in xs
+    }  # fmt: skip
     best_whole = min(whole_attn.values())
     print(f"{torch.cuda.get_device_name(dev)}, {total_sms} SMs; batch {batch}, ctx {ctx}")
     print(
         f"whole GPU: attention {gbs(best_whole):.0f} GB/s (best config); "
         + ", ".join(f"GEMM M={m} {tflops(m, ms):.0f} TFLOP/s" for m, ms in whole_gemm.items())
+        + f" ({args.gemm_impl}); cuBLAS "
+        + ", ".join(f"M={m} {tflops(m, ms):.0f}" for m, ms in whole_cublas.items())
     )
     rows = []
     for n in args.attention_sms:
@@ -163,7 +238,7 @@ def main(argv=None) -> dict:
                     both_ms, per = events_ms(
                         {"a": (sa, attention(cfg, a_sms)), "g": (sf, gemm(m, f_sms))}, args.reps
                     )
-                    serial = best_whole + whole_gemm[m]
+                    serial = best_whole + min(whole_gemm[m], whole_cublas[m])
                     row[f"m{m}"] = dict(
                         gemm_alone_tflops=tflops(m, g_ms),
                         gemm_alone_vs_whole=whole_gemm[m] / g_ms,
@@ -194,6 +269,7 @@ def main(argv=None) -> dict:
         whole=dict(
             attention_gbs={c: gbs(ms) for c, ms in zip(args.configs, whole_attn.values())},
             gemm_tflops={m: tflops(m, ms) for m, ms in whole_gemm.items()},
+            cublas_tflops={m: tflops(m, ms) for m, ms in whole_cublas.items()},
         ),
         rows=rows,
     )
