@@ -144,7 +144,7 @@ def events_ms(fn_by_stream: dict, reps: int) -> tuple[float, dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import green_ctx
-    from nanovllm.engine.green_manager import set_cublas_sm_budget
+    from nanovllm.engine.sm_budget import set_cublas_sm_budget
     from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention
 
     dev = torch.device("cuda")

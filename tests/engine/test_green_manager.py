@@ -1,4 +1,4 @@
-"""Tests for nanovllm/engine/green_manager.py.
+"""Tests for nanovllm/engine/green_manager.py and nanovllm/engine/sm_budget.py.
 
 CPU tests: validation messages, the unavailable path, the cuBLAS budget helper, and the
 partition policy / repartitioning against the fake driver from tests/test_green_ctx.py.
@@ -19,8 +19,8 @@ import torch
 
 from green_ctx import GreenContextError
 from nanovllm.engine import green_manager
-from nanovllm.engine.green_manager import (
-    GreenContextManager,
+from nanovllm.engine.green_manager import GreenContextManager
+from nanovllm.engine.sm_budget import (
     candidate_attention_sm_counts,
     default_attention_sm_count,
     set_cublas_sm_budget,
