@@ -13,9 +13,10 @@ with kernels of increasing sophistication, each alone on the partition:
 - ``attn``: the engine's paged decode-attention kernel on Qwen3-8B shapes with the cache laid out
   NHD ([blocks, block_size, kv_heads, head_dim], the engine's) or HND ([blocks, kv_heads,
   block_size, head_dim]: each KV head's keys contiguous); ``--attn`` as
-  layout,block_n,num_warps,num_stages[,token|loads] (``token``: per-token block ids, the
+  layout,block_n,num_warps,num_stages[,token|loads|tma] (``token``: per-token block ids, the
   kernel before one block id per tile; ``loads``: the same loads with no math, the load path's
-  own limit).
+  own limit; ``tma``: the copy-engine kernel ``kernels/tma_decode.py``, NHD only, tile knobs
+  ignored).
 
 Every figure is GB/s of bytes read (each read once, 1 GiB or more so L2 cannot hold it), and
 GB/s per SM of the partition.
@@ -223,7 +224,9 @@ def attention_case(dev, gib: float):
                     num_warps=warps, num_stages=stages,
                 )  # fmt: skip
             return
-        cfg = DecodeConfig(block_n, warps, stages, tile_in_block=variant != "token")
+        cfg = DecodeConfig(
+            block_n, warps, stages, tile_in_block=variant != "token", tma=variant == "tma"
+        )
         for i in range(calls):
             paged_decode_attention(q, k, v, tables[i], lens, d**-0.5, num_sms=num_sms, config=cfg)
 

@@ -359,6 +359,9 @@ class DecodeConfig:
     num_stages: int = 3  # tiles in flight per program = num_stages - 1
     prefetch_table: bool = True
     tile_in_block: bool = True  # one block id per tile when BLOCK_N divides the block size
+    # Stage 1 on the Hopper copy engine (kernels/tma_decode.py) where the call qualifies; the
+    # Triton kernel otherwise. Faster per SM, which is what a small green partition needs.
+    tma: bool = False
 
 
 def default_decode_config(head_dim: int, is_gpu: bool) -> DecodeConfig:
@@ -419,6 +422,15 @@ def paged_decode_attention(
     else:
         part_o = part_lse = out  # unused by the single-split variant
 
+    if cfg.tma and is_gpu:
+        from nanovllm.kernels import tma_decode
+
+        if tma_decode.supported(q, k_cache, v_cache) is None:
+            tma_decode.decode_stage1(
+                q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
+                scale * LOG2E, num_splits,
+            )  # fmt: skip
+            return out if num_splits == 1 else _merge(part_o, part_lse, out, num_splits)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -452,19 +464,24 @@ def paged_decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            part_o,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if is_gpu else 1,
-        )
+    return out if num_splits == 1 else _merge(part_o, part_lse, out, num_splits)
+
+
+def _merge(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int):
+    """Stage 2 of split-KV decode: ``out`` = the splits' partials weighted by their LSEs."""
+    num_seqs, num_heads, head_dim = out.shape
+    _decode_merge_kernel[(num_seqs, num_heads)](
+        part_o,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=num_heads,
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4 if out.is_cuda else 1,
+    )
     return out
 
 

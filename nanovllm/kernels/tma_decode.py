@@ -1,0 +1,378 @@
+"""Paged decode attention that streams K/V with the Hopper copy engine (TMA), for few-SM partitions.
+
+Why: on a green partition of 16-32 SMs the Triton decode kernel reads about 55 GB/s per SM: it
+spends more instructions per byte (addresses, masks, layout conversions) than the SMs can issue
+while keeping enough loads in flight. The copy engine moves a whole [64 keys x 64 dims] box per
+instruction into shared memory and reached about 125 GB/s per SM on 16 SMs
+(``benchmarks/sm_bandwidth.py``), so this kernel issues TMA copies from one thread, keeps
+``STAGES`` tiles in flight on mbarriers, and does the math with ``mma.sync`` on tiles the copy
+engine wrote with the 128-byte swizzle (conflict-free ``ldmatrix``).
+
+Same contract as ``triton_attention.paged_decode_attention`` (and the same split-KV partials, so
+the Triton merge kernel finishes multi-split calls). Supported: CUDA sm_90+, bf16/fp16,
+head_dim 128, GQA group <= 8, a KV cache with contiguous [block_size, num_kv_heads * head_dim]
+rows per block and block_size a multiple of 64. ``supported()`` says whether a call qualifies.
+
+Compiled at first use with NVRTC (``torch.cuda._compile_kernel``); the tensor maps are created
+with the CUDA driver through cuda-python (``pip install cuda-python``), one per cache tensor,
+cached by address and shape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BLOCK_N = 64  # keys per tile: one 64-row TMA box per half of head_dim, for K and for V
+HEAD_DIM = 128
+STAGES = 3  # tiles in flight per program: 3 x 32 KB of shared memory, two programs per SM
+THREADS = 128  # 4 warps; warp w owns keys [16 w, 16 w + 16) of every tile
+SMEM_BYTES = STAGES * 4 * BLOCK_N * 128 + 1024  # + slack to align the swizzled tiles to 1 KB
+
+_SOURCE = r"""
+// One program per (sequence, KV head, split); see tma_decode.py for the design.
+#define BLOCK_N 64
+#define HEAD_DIM 128
+#define TILE_BYTES (4 * BLOCK_N * 128)  // K and V, two 64-column halves each, 8 KB per box
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+// Byte offset of element (row, col) of a [BLOCK_N, 64] box written with the 128-byte swizzle:
+// 16-byte chunk c of row r sits at chunk c ^ (r % 8).
+__device__ __forceinline__ unsigned swz(int row, int col) {
+    return row * 128 + ((((col >> 3) ^ (row & 7))) << 4) + ((col & 7) << 1);
+}
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+#ifdef NANOVLLM_FP16
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+__device__ __forceinline__ unsigned short to_half(float x) {
+    unsigned short r;
+#ifdef NANOVLLM_FP16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+#endif
+    return r;
+}
+__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+#ifdef NANOVLLM_FP16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void wait_barrier(unsigned bar, unsigned parity) {
+    asm volatile("{\n .reg .pred P1;\n WAIT:\n"
+                 " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 " @P1 bra DONE;\n bra WAIT;\n DONE:\n}" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_box(unsigned dst, const void* map, unsigned bar, int col,
+                                        int row) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%3, %4}], [%2];"
+                 :: "r"(dst), "l"(map), "r"(bar), "r"(col), "r"(row) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
+    const unsigned short* __restrict__ q, const void* k_map, const void* v_map,
+    const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+    unsigned short* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_lse,
+    double scale_log2e_d, int stride_qs, int stride_qh, int stride_bt, int stride_os,
+    int stride_oh, int num_heads, int group, int block_size, int num_splits) {
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ __align__(8) unsigned long long full[STAGES];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const float scale_log2e = (float)scale_log2e_d;
+    const unsigned base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzled boxes: 1 KB aligned
+    unsigned char* base_ptr = smem_raw + (base - smem_addr(smem_raw));
+
+    const int ctx = context_lens[seq];
+    const int per_split = ((ctx + num_splits - 1) / num_splits + BLOCK_N - 1) / BLOCK_N * BLOCK_N;
+    const int start = split * per_split;
+    const int end = min(start + per_split, ctx);
+    const int num_tiles = end > start ? (end - start + BLOCK_N - 1) / BLOCK_N : 0;
+    const int* table = block_tables + (long long)seq * stride_bt;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&full[s])));
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+
+    auto issue = [&](int t) {  // thread 0: tile t's K and V boxes into stage t % STAGES
+        const int s = t % STAGES, n0 = start + t * BLOCK_N;
+        const int row = table[n0 / block_size] * block_size + n0 % block_size;
+        const unsigned bar = smem_addr(&full[s]), dst = base + s * TILE_BYTES;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(bar), "r"(TILE_BYTES) : "memory");
+        tma_box(dst, k_map, bar, kvh * HEAD_DIM, row);
+        tma_box(dst + 8192, k_map, bar, kvh * HEAD_DIM + 64, row);
+        tma_box(dst + 16384, v_map, bar, kvh * HEAD_DIM, row);
+        tma_box(dst + 24576, v_map, bar, kvh * HEAD_DIM + 64, row);
+    };
+    if (tid == 0)
+        for (int t = 0; t < STAGES && t < num_tiles; ++t) issue(t);
+
+    // Q as mma A fragments: rows = the group's heads (gid < group), columns = head_dim in 8
+    // k-chunks of 16; rows 8-15 of the 16-row fragment are padding (zero).
+    unsigned qa[8][2];
+    {
+        const bool real = gid < group;
+        const long long head = kvh * group + (real ? gid : 0);
+        const unsigned* qrow =
+            (const unsigned*)(q + (long long)seq * stride_qs + head * stride_qh);
+        for (int j = 0; j < 8; ++j) {
+            qa[j][0] = real ? qrow[(16 * j + 2 * tig) >> 1] : 0u;
+            qa[j][1] = real ? qrow[(16 * j + 8 + 2 * tig) >> 1] : 0u;
+        }
+    }
+    float acc[16][4];
+    for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m_i = NEG_INF, l_i = 0.f;  // row gid's running max (log2 domain) and sum
+    const int kr0 = warp * 16;  // this warp's keys within a tile
+
+    for (int t = 0; t < num_tiles; ++t) {
+        const int s = t % STAGES;
+        wait_barrier(smem_addr(&full[s]), (t / STAGES) & 1);
+        const unsigned char* kt = base_ptr + s * TILE_BYTES;
+        const unsigned char* vt = kt + 16384;
+        const int n0 = start + t * BLOCK_N;
+
+        // S = Q K^T for this warp's 16 keys: two n-tiles of 8 keys.
+        float sc[2][4];
+        for (int nt = 0; nt < 2; ++nt) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const int row = kr0 + nt * 8 + gid;
+            for (int j = 0; j < 8; ++j) {
+                const unsigned char* half = kt + (j >> 2) * 8192;
+                const int col = (16 * j) & 63;
+                const unsigned b0 = *(const unsigned*)(half + swz(row, col + 2 * tig));
+                const unsigned b1 = *(const unsigned*)(half + swz(row, col + 8 + 2 * tig));
+                mma16816(sc[nt], qa[j][0], 0u, qa[j][1], 0u, b0, b1);
+            }
+        }
+        // Online softmax on row gid (its 16 keys are spread over the 4 lanes of this gid).
+        float mx = NEG_INF;
+        for (int nt = 0; nt < 2; ++nt)
+            for (int e = 0; e < 2; ++e) {
+                const int key = n0 + kr0 + nt * 8 + 2 * tig + e;
+                sc[nt][e] = key < end ? sc[nt][e] * scale_log2e : NEG_INF;
+                mx = fmaxf(mx, sc[nt][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_i, mx);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;  // no key yet: keep zeros
+        const float alpha = exp2f(m_i - m_use);
+        float p[2][2], psum = 0.f;
+        for (int nt = 0; nt < 2; ++nt)
+            for (int e = 0; e < 2; ++e) {
+                p[nt][e] = exp2f(sc[nt][e] - m_use);
+                psum += p[nt][e];
+            }
+        psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+        psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+        l_i = l_i * alpha + psum;
+        m_i = m_new;
+        const unsigned pa0 = pack2(p[0][0], p[0][1]), pa2 = pack2(p[1][0], p[1][1]);
+
+        // O += P V: B fragments of V (keys x dims) through ldmatrix.trans, two 8-dim tiles each.
+        const int mrow = kr0 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        for (int dp = 0; dp < 8; ++dp) {
+            const int chunk = 2 * dp + (lane >> 4);  // 8-dim chunk this lane addresses
+            const unsigned addr = smem_addr(vt + (chunk >> 3) * 8192) + swz(mrow, (chunk & 7) * 8);
+            unsigned r0, r1, r2, r3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+            for (int h = 0; h < 2; ++h) {
+                float* a = acc[2 * dp + h];
+                a[0] *= alpha;
+                a[1] *= alpha;
+                mma16816(a, pa0, 0u, pa2, 0u, h ? r2 : r0, h ? r3 : r1);
+            }
+        }
+        __syncthreads();  // every warp is done with stage s
+        if (tid == 0 && t + STAGES < num_tiles) issue(t + STAGES);
+    }
+
+    // Merge the 4 warps' (max, sum, acc) of each head row, then write.
+    __syncthreads();
+    float* sm_acc = (float*)base_ptr;           // [4 warps][8 rows][HEAD_DIM]
+    float* sm_ml = sm_acc + 4 * 8 * HEAD_DIM;   // [4 warps][8 rows][2]
+    for (int dt = 0; dt < 16; ++dt) {
+        sm_acc[(warp * 8 + gid) * HEAD_DIM + dt * 8 + 2 * tig] = acc[dt][0];
+        sm_acc[(warp * 8 + gid) * HEAD_DIM + dt * 8 + 2 * tig + 1] = acc[dt][1];
+    }
+    if (tig == 0) {
+        sm_ml[(warp * 8 + gid) * 2] = m_i;
+        sm_ml[(warp * 8 + gid) * 2 + 1] = l_i;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < group * HEAD_DIM; idx += 128) {
+        const int row = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mall = NEG_INF;
+        for (int w = 0; w < 4; ++w) mall = fmaxf(mall, sm_ml[(w * 8 + row) * 2]);
+        float l = 0.f, o = 0.f;
+        if (mall != NEG_INF) {
+            for (int w = 0; w < 4; ++w) {
+                const float mw = sm_ml[(w * 8 + row) * 2];
+                const float f = mw == NEG_INF ? 0.f : exp2f(mw - mall);
+                l += sm_ml[(w * 8 + row) * 2 + 1] * f;
+                o += sm_acc[(w * 8 + row) * HEAD_DIM + d] * f;
+            }
+            o /= l;
+        }
+        const int head = kvh * group + row;
+        if (num_splits == 1) {
+            out[(long long)seq * stride_os + (long long)head * stride_oh + d] = to_half(o);
+        } else {
+            const long long r = ((long long)seq * num_heads + head) * num_splits + split;
+            part_o[r * HEAD_DIM + d] = o;
+            if (d == 0) part_lse[r] = mall == NEG_INF ? NEG_INF : mall + log2f(l);
+        }
+    }
+}
+"""
+
+
+def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """None when this kernel can run the call, else the reason it cannot."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (9, 0):
+        return "needs a CUDA GPU of compute capability 9.0 or newer (TMA)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype:
+        return f"dtype {q.dtype} (bf16/fp16 only)"
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if head_dim != HEAD_DIM:
+        return f"head_dim {head_dim} (128 only)"
+    if num_heads // num_kv_heads > 8:
+        return f"GQA group {num_heads // num_kv_heads} (8 at most)"
+    if block_size % BLOCK_N:
+        return f"KV block size {block_size} (a multiple of {BLOCK_N})"
+    for cache in (k_cache, v_cache):
+        if cache.stride() != (
+            block_size * num_kv_heads * head_dim,
+            num_kv_heads * head_dim,
+            head_dim,
+            1,
+        ):
+            return "the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]"
+    if q.stride(2) != 1:
+        return "q needs a contiguous head_dim"
+    return None
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    options = [f"-DSTAGES={STAGES}", "--std=c++17"]
+    if dtype == torch.float16:
+        options.append("-DNANOVLLM_FP16")
+    kernel = torch.cuda._compile_kernel(_SOURCE, "decode_tma", nvcc_options=options)
+    kernel.set_shared_memory_config(SMEM_BYTES)
+    logger.info("compiled the TMA decode-attention kernel (%s, %d stages)", dtype, STAGES)
+    return kernel
+
+
+_maps: dict[tuple, torch.Tensor] = {}
+
+
+def _tensor_map(cache: torch.Tensor) -> torch.Tensor:
+    """The TMA descriptor (128 bytes, in device memory) of ``cache`` viewed as a 2-D
+    [num_blocks * block_size, num_kv_heads * head_dim] tensor, boxes of [64 rows, 64 columns]
+    with the 128-byte swizzle. Cached per (address, shape)."""
+    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, cache.device.index)
+    desc = _maps.get(key)
+    if desc is not None:
+        return desc
+    import green_ctx
+
+    drv = green_ctx.load_driver()
+    rows = cache.shape[0] * cache.shape[1]
+    cols = cache.shape[2] * cache.shape[3]
+    dtype = (
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+        if cache.dtype == torch.bfloat16
+        else drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    )
+    tmap = green_ctx.check(
+        drv.cuTensorMapEncodeTiled(
+            dtype,
+            drv.cuuint32_t(2),
+            cache.data_ptr(),
+            [drv.cuuint64_t(cols), drv.cuuint64_t(rows)],  # innermost dimension first
+            [drv.cuuint64_t(cols * cache.element_size())],  # bytes between rows
+            [drv.cuuint32_t(64), drv.cuuint32_t(BLOCK_N)],  # a box: 64 columns x BLOCK_N rows
+            [drv.cuuint32_t(1), drv.cuuint32_t(1)],
+            drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        "cuTensorMapEncodeTiled",
+    )
+    raw = ctypes.string_at(tmap.getPtr(), 128)
+    desc = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(cache.device)
+    _maps[key] = desc
+    return desc
+
+
+def decode_stage1(
+    q: torch.Tensor,  # [num_seqs, num_heads, 128]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, 128], contiguous
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32
+    out: torch.Tensor,  # [num_seqs, num_heads, 128] (written when num_splits == 1)
+    part_o: torch.Tensor,  # [num_seqs, num_heads, num_splits, 128] fp32 (num_splits > 1)
+    part_lse: torch.Tensor,  # [num_seqs, num_heads, num_splits] fp32
+    scale_log2e: float,
+    num_splits: int,
+) -> None:
+    """Split-KV stage 1 on the copy engine: the same outputs as the Triton stage 1."""
+    num_seqs, num_heads, _ = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    _kernel(q.dtype)(
+        grid=(num_seqs, num_kv_heads, num_splits),
+        block=(THREADS, 1, 1),
+        args=[
+            q,
+            _tensor_map(k_cache),
+            _tensor_map(v_cache),
+            block_tables,
+            context_lens,
+            out,
+            part_o,
+            part_lse,
+            float(scale_log2e),
+            q.stride(0),
+            q.stride(1),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            num_heads // num_kv_heads,
+            block_size,
+            num_splits,
+        ],
+        shared_mem=SMEM_BYTES,
+    )

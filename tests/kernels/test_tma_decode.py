@@ -1,0 +1,106 @@
+"""The TMA decode-attention kernel (nanovllm/kernels/tma_decode.py) against the torch reference.
+
+GPU tests need an sm_90 GPU and cuda-python; each asserts that the call qualifies for the TMA
+kernel, so a silent fallback to the Triton kernel cannot pass for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels import tma_decode  # noqa: E402
+from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention  # noqa: E402
+
+
+def _attention_helpers():
+    # Reuse the decode cases and the torch reference of the attention-backend tests.
+    name = "_attention_test_helpers"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "attention" / "test_triton_backend.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+H = _attention_helpers()
+TMA = DecodeConfig(tma=True)
+
+
+def test_supported_names_the_reason_on_cpu():
+    q = torch.zeros(2, 8, 128)
+    cache = torch.zeros(4, 64, 2, 128)
+    assert "CUDA GPU" in tma_decode.supported(q, cache, cache)
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90(), reason="needs an sm_90+ GPU (TMA)")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", H.DTYPES)
+@pytest.mark.parametrize(
+    "block_size,group,num_kv_heads,batch,max_ctx",
+    [(256, 4, 8, 13, 1000), (64, 2, 8, 64, 2048), (256, 8, 2, 7, 4096), (64, 1, 4, 5, 300)],
+)
+def test_tma_decode_matches_reference_gpu(dtype, block_size, group, num_kv_heads, batch, max_ctx):
+    lens = H.gpu_lens(batch, max_ctx, block_size, seed=batch)
+    q, k_cache, v_cache, meta = H.decode_case(
+        lens, num_kv_heads, group, 128, block_size, dtype, H.GPU, seed=batch
+    )
+    assert tma_decode.supported(q, k_cache, v_cache) is None
+    ref = H.TORCH.decode(q, k_cache, v_cache, meta, 0.08)
+    for num_splits in (1, 3, 8, None):
+        out = paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.08,
+            num_splits=num_splits, config=TMA,
+        )  # fmt: skip
+        H.assert_close(out, ref, atol=H.ATOL)
+        assert torch.equal(out[lens.index(0)], torch.zeros_like(out[0]))
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_tma_decode_in_cuda_graph_gpu():
+    lens = H.gpu_lens(32, 1500, 256, seed=5)
+    q, k_cache, v_cache, meta = H.decode_case(lens, 8, 4, 128, 256, torch.bfloat16, H.GPU, seed=5)
+
+    def call():
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.08, config=TMA
+        )
+
+    call()  # compile and create the tensor maps outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    q.normal_()  # new queries: the replay must read them
+    ref = H.TORCH.decode(q, k_cache, v_cache, meta, 0.08)
+    graph.replay()
+    torch.cuda.synchronize()
+    H.assert_close(out, ref, atol=H.ATOL)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_unsupported_shape_falls_back_to_triton_gpu():
+    lens = [40, 0, 300]
+    q, k_cache, v_cache, meta = H.decode_case(lens, 4, 4, 64, 64, torch.bfloat16, H.GPU)
+    assert "head_dim 64" in tma_decode.supported(q, k_cache, v_cache)
+    ref = H.TORCH.decode(q, k_cache, v_cache, meta, 0.1)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.1, config=TMA
+    )
+    H.assert_close(out, ref, atol=H.ATOL)
