@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", help="override the grid's batches")
     p.add_argument("--ctxs", type=int, nargs="+", help="override the grid's contexts")
     p.add_argument("--splits", nargs="+", help="attention,ffn SM counts, e.g. 32,96 48,80")
+    p.add_argument(
+        "--attention-kernel",
+        choices=("auto", "triton", "tma"),
+        default="auto",
+        help="the pipeline's decode-attention kernel (Config.pipeline_attention_kernel)",
+    )
     p.add_argument("--microbatches", type=int, nargs="+", help="micro-batch counts, e.g. 2 3")
     add_decode_sweep_args(p, reps=20, warmup=3, reserve_gib=5.0)
     args = p.parse_args(argv)
@@ -128,6 +134,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
         pipeline_attention_sm_count=first[0],
         pipeline_ffn_sm_count=first[1],
         pipeline_num_microbatches=max(args.microbatches),
+        pipeline_attention_kernel=args.attention_kernel,
     )
     runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
     pipe = runner.pipeline
@@ -153,6 +160,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
                     out.setdefault("failed", []).append([a, f, m, str(e)])
                     continue
                 row0.update(requested_split=[a, f], attention_sms=got_a, ffn_sms=got_f)
+                row0["attention_kernel"] = "tma" if pipe.attention_tma else "triton"
                 row0["microbatches"] = m
             for (b, c), inp in inputs.items():
                 fns = {"sequential": decode_step_fn(runner, inp)}

@@ -47,7 +47,8 @@ def parse_args(argv=None):
         "--configs",
         nargs="+",
         default=["64,4,3", "64,4,4", "128,8,3", "32,4,4"],
-        help="attention tiles as block_n,num_warps,num_stages (the first is the default)",
+        help="attention tiles as block_n,num_warps,num_stages[,tma] (the first is the default; "
+        "tma: the copy-engine kernel with num_stages tiles in flight)",
     )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
@@ -162,7 +163,12 @@ def main(argv=None) -> dict:
     tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(calls, batch, -1)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     q = torch.randn(batch, heads, d, dtype=dtype, device=dev)
-    configs = [DecodeConfig(*map(int, c.split(","))) for c in args.configs]
+
+    def decode_config(spec: str) -> DecodeConfig:
+        block_n, warps, stages, *tma = spec.split(",")
+        return DecodeConfig(int(block_n), int(warps), int(stages), tma=tma == ["tma"])
+
+    configs = [decode_config(c) for c in args.configs]
 
     def attention(cfg, num_sms):
         def run():

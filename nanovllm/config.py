@@ -34,6 +34,7 @@ class Config:
     pipeline_enable_profiling: bool = False
     pipeline_num_microbatches: int = 2
     pipeline_policy: str = "auto"
+    pipeline_attention_kernel: str = "auto"
 
     def __post_init__(self):
         def bad(name, fix):
@@ -99,6 +100,12 @@ class Config:
                 "pipeline_policy",
                 'use "auto" (pipeline only the batch sizes where calibration shows it pays) or '
                 '"always"',
+            )
+        if self.pipeline_attention_kernel not in ("auto", "triton", "tma"):
+            bad(
+                "pipeline_attention_kernel",
+                'use "auto" (the copy-engine kernel on attention partitions of at most 32 SMs, '
+                'Triton otherwise), "triton" or "tma"',
             )
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:

@@ -11,6 +11,8 @@ import torch
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.kernels import triton_attention as kernels
 
+_TMA = kernels.DecodeConfig(tma=True)
+
 
 class TritonAttentionBackend:
     name = "triton"
@@ -57,5 +59,12 @@ class TritonAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         return kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            scale,
+            num_sms=meta.decode_num_sms,
+            config=_TMA if meta.decode_tma else None,
         )

@@ -24,6 +24,7 @@ CUDA graph per batch bucket; kernels keep their green partition on replay.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -98,6 +99,8 @@ class PipelineScheduler:
         self.attn_done = [[_event(dev) for _ in range(m)] for _ in range(L)]
         self.ready, self.finished = _event(dev), _event(dev)
         self.timers: dict[int, StageTimers] = {}
+        self.logged_kernel_choice: set[int] = set()
+        self.attention_tma = policy_lib.use_tma_attention(self)
         self._graph_generation = green.generation
         green.on_repartition(self._on_repartition)
         if runner.graph_runner is not None:
@@ -157,7 +160,15 @@ class PipelineScheduler:
         self.ready.record(main)
         _wait(attn_stream, self.ready)
         _wait(ffn_stream, self.ready)
-        metas = [meta.decode_slice(lo, hi) for lo, hi in bounds]
+        # The attention stage's kernel and split count are those of its partition.
+        metas = [
+            replace(
+                meta.decode_slice(lo, hi),
+                decode_num_sms=self.green.attention_sms or None,
+                decode_tma=self.attention_tma,
+            )
+            for lo, hi in bounds
+        ]
         residual: list[torch.Tensor | None] = [None] * len(bounds)
         for layer in range(num_layers + 1):
             for i, (lo, hi) in enumerate(bounds):
@@ -269,6 +280,7 @@ class PipelineScheduler:
             torch.cuda.synchronize()
             self.graph_runner.reset()  # graphs hold nodes of the old partitions' streams
         self.timers.clear()
+        self.attention_tma = policy_lib.use_tma_attention(self)
 
     def statistics(self) -> dict:
         g = self.green

@@ -30,9 +30,16 @@ logger = logging.getLogger(__name__)
 
 BLOCK_N = 64  # keys per tile: one 64-row TMA box per half of head_dim, for K and for V
 HEAD_DIM = 128
-STAGES = 3  # tiles in flight per program: 3 x 32 KB of shared memory, two programs per SM
-THREADS = 128  # 4 warps; warp w owns keys [16 w, 16 w + 16) of every tile
-SMEM_BYTES = STAGES * 4 * BLOCK_N * 128 + 1024  # + slack to align the swizzled tiles to 1 KB
+STAGES = 3  # default tiles in flight per program (32 KB each)
+# Programs per SM the compiler must fit (registers) for a stage count: shared memory allows
+# 3 programs with 2 stages, 2 with 3, 1 with 4 or more.
+MIN_PROGRAMS = {2: 3, 3: 2}
+THREADS = 160  # 4 compute warps (warp w owns keys [16 w, 16 w + 16) of every tile) + 1 producer
+
+
+def smem_bytes(stages: int) -> int:
+    return stages * 4 * BLOCK_N * 128 + 1024  # + slack to align the swizzled tiles to 1 KB
+
 
 _SOURCE = r"""
 // One program per (sequence, KV head, split); see tma_decode.py for the design.
@@ -90,14 +97,17 @@ __device__ __forceinline__ void tma_box(unsigned dst, const void* map, unsigned 
                  :: "r"(dst), "l"(map), "r"(bar), "r"(col), "r"(row) : "memory");
 }
 
-extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
+extern "C" __global__ void __launch_bounds__(160, MIN_PROGRAMS) decode_tma(
     const unsigned short* __restrict__ q, const void* k_map, const void* v_map,
     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
     unsigned short* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_lse,
     double scale_log2e_d, int stride_qs, int stride_qh, int stride_bt, int stride_os,
-    int stride_oh, int num_heads, int group, int block_size, int num_splits) {
+    int stride_oh, int num_heads, int group, int block_size, int num_splits, int num_kv_heads,
+    int hnd) {
     extern __shared__ unsigned char smem_raw[];
-    __shared__ __align__(8) unsigned long long full[STAGES];
+    // full[s]: stage s holds its tile (TMA bytes landed); empty[s]: the 4 compute warps are done
+    // with it, so the producer may refill it.
+    __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
     const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -113,30 +123,43 @@ extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
     const int* table = block_tables + (long long)seq * stride_bt;
 
     if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s)
+        for (int s = 0; s < STAGES; ++s) {
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&full[s])));
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 4;" :: "r"(smem_addr(&empty[s])));
+        }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     __syncthreads();
 
-    auto issue = [&](int t) {  // thread 0: tile t's K and V boxes into stage t % STAGES
-        const int s = t % STAGES, n0 = start + t * BLOCK_N;
-        const int row = table[n0 / block_size] * block_size + n0 % block_size;
-        const unsigned bar = smem_addr(&full[s]), dst = base + s * TILE_BYTES;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"(bar), "r"(TILE_BYTES) : "memory");
-        tma_box(dst, k_map, bar, kvh * HEAD_DIM, row);
-        tma_box(dst + 8192, k_map, bar, kvh * HEAD_DIM + 64, row);
-        tma_box(dst + 16384, v_map, bar, kvh * HEAD_DIM, row);
-        tma_box(dst + 24576, v_map, bar, kvh * HEAD_DIM + 64, row);
-    };
-    if (tid == 0)
-        for (int t = 0; t < STAGES && t < num_tiles; ++t) issue(t);
+    if (warp == 4) {
+        // Producer warp: one lane issues tile t's K and V boxes into stage t % STAGES once the
+        // four compute warps have released that stage (its previous tile, t - STAGES).
+        if (lane == 0) {
+            for (int t = 0; t < num_tiles; ++t) {
+                const int s = t % STAGES, n0 = start + t * BLOCK_N;
+                if (t >= STAGES) wait_barrier(smem_addr(&empty[s]), ((t / STAGES) - 1) & 1);
+                // NHD: rows are tokens, each holding every head; HND: rows are (block, head,
+                // token).
+                const int blk = table[n0 / block_size], pos = n0 % block_size;
+                const int row = (hnd ? blk * num_kv_heads + kvh : blk) * block_size + pos;
+                const int col = hnd ? 0 : kvh * HEAD_DIM;
+                const unsigned bar = smem_addr(&full[s]), dst = base + s * TILE_BYTES;
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                             :: "r"(bar), "r"(TILE_BYTES) : "memory");
+                tma_box(dst, k_map, bar, col, row);
+                tma_box(dst + 8192, k_map, bar, col + 64, row);
+                tma_box(dst + 16384, v_map, bar, col, row);
+                tma_box(dst + 24576, v_map, bar, col + 64, row);
+            }
+        }
+    }
 
     // Q as mma A fragments: rows = the group's heads (gid < group), columns = head_dim in 8
     // k-chunks of 16; rows 8-15 of the 16-row fragment are padding (zero).
     unsigned qa[8][2];
-    {
+    float acc[16][4];
+    float m_i = NEG_INF, l_i = 0.f;  // row gid's running max (log2 domain) and sum
+    if (warp < 4) {
         const bool real = gid < group;
         const long long head = kvh * group + (real ? gid : 0);
         const unsigned* qrow =
@@ -145,39 +168,42 @@ extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
             qa[j][0] = real ? qrow[(16 * j + 2 * tig) >> 1] : 0u;
             qa[j][1] = real ? qrow[(16 * j + 8 + 2 * tig) >> 1] : 0u;
         }
+        for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     }
-    float acc[16][4];
-    for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float m_i = NEG_INF, l_i = 0.f;  // row gid's running max (log2 domain) and sum
     const int kr0 = warp * 16;  // this warp's keys within a tile
 
-    for (int t = 0; t < num_tiles; ++t) {
+    for (int t = 0; warp < 4 && t < num_tiles; ++t) {
         const int s = t % STAGES;
         wait_barrier(smem_addr(&full[s]), (t / STAGES) & 1);
-        const unsigned char* kt = base_ptr + s * TILE_BYTES;
-        const unsigned char* vt = kt + 16384;
+        const unsigned kt = base + s * TILE_BYTES;  // shared-memory addresses of the K, V tiles
+        const unsigned vt = kt + 16384;
         const int n0 = start + t * BLOCK_N;
 
-        // S = Q K^T for this warp's 16 keys: two n-tiles of 8 keys.
-        float sc[2][4];
-        for (int nt = 0; nt < 2; ++nt) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-            const int row = kr0 + nt * 8 + gid;
-            for (int j = 0; j < 8; ++j) {
-                const unsigned char* half = kt + (j >> 2) * 8192;
-                const int col = (16 * j) & 63;
-                const unsigned b0 = *(const unsigned*)(half + swz(row, col + 2 * tig));
-                const unsigned b1 = *(const unsigned*)(half + swz(row, col + 8 + 2 * tig));
-                mma16816(sc[nt], qa[j][0], 0u, qa[j][1], 0u, b0, b1);
+        // S = Q K^T for this warp's 16 keys (two n-tiles of 8). B fragments through ldmatrix
+        // (4 matrices: 8 keys x 4 consecutive 8-dim chunks = k-chunks j, j + 1); two
+        // accumulators per n-tile so that consecutive mma do not wait on each other.
+        float sc[2][2][4];
+        for (int i = 0; i < 16; ++i) (&sc[0][0][0])[i] = 0.f;
+        for (int j = 0; j < 8; j += 2) {
+            const int chunk = 2 * j + (lane >> 3);  // this lane's 8-dim chunk: 0..15
+            for (int nt = 0; nt < 2; ++nt) {
+                const int row = kr0 + nt * 8 + (lane & 7);
+                const unsigned addr = kt + (chunk >> 3) * 8192 + swz(row, (chunk & 7) * 8);
+                unsigned b0, b1, b2, b3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+                mma16816(sc[nt][0], qa[j][0], 0u, qa[j][1], 0u, b0, b1);
+                mma16816(sc[nt][1], qa[j + 1][0], 0u, qa[j + 1][1], 0u, b2, b3);
             }
         }
         // Online softmax on row gid (its 16 keys are spread over the 4 lanes of this gid).
-        float mx = NEG_INF;
+        float mx = NEG_INF, sv[2][2];
         for (int nt = 0; nt < 2; ++nt)
             for (int e = 0; e < 2; ++e) {
                 const int key = n0 + kr0 + nt * 8 + 2 * tig + e;
-                sc[nt][e] = key < end ? sc[nt][e] * scale_log2e : NEG_INF;
-                mx = fmaxf(mx, sc[nt][e]);
+                const float v = sc[nt][0][e] + sc[nt][1][e];
+                sv[nt][e] = key < end ? v * scale_log2e : NEG_INF;
+                mx = fmaxf(mx, sv[nt][e]);
             }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -187,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
         float p[2][2], psum = 0.f;
         for (int nt = 0; nt < 2; ++nt)
             for (int e = 0; e < 2; ++e) {
-                p[nt][e] = exp2f(sc[nt][e] - m_use);
+                p[nt][e] = exp2f(sv[nt][e] - m_use);
                 psum += p[nt][e];
             }
         psum += __shfl_xor_sync(0xffffffffu, psum, 1);
@@ -200,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
         const int mrow = kr0 + ((lane >> 3) & 1) * 8 + (lane & 7);
         for (int dp = 0; dp < 8; ++dp) {
             const int chunk = 2 * dp + (lane >> 4);  // 8-dim chunk this lane addresses
-            const unsigned addr = smem_addr(vt + (chunk >> 3) * 8192) + swz(mrow, (chunk & 7) * 8);
+            const unsigned addr = vt + (chunk >> 3) * 8192 + swz(mrow, (chunk & 7) * 8);
             unsigned r0, r1, r2, r3;
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                          : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
@@ -211,24 +237,26 @@ extern "C" __global__ void __launch_bounds__(128, 2) decode_tma(
                 mma16816(a, pa0, 0u, pa2, 0u, h ? r2 : r0, h ? r3 : r1);
             }
         }
-        __syncthreads();  // every warp is done with stage s
-        if (tid == 0 && t + STAGES < num_tiles) issue(t + STAGES);
+        __syncwarp();
+        if (lane == 0)  // this warp is done with stage s
+            asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(&empty[s]))
+                         : "memory");
     }
 
     // Merge the 4 warps' (max, sum, acc) of each head row, then write.
     __syncthreads();
     float* sm_acc = (float*)base_ptr;           // [4 warps][8 rows][HEAD_DIM]
     float* sm_ml = sm_acc + 4 * 8 * HEAD_DIM;   // [4 warps][8 rows][2]
-    for (int dt = 0; dt < 16; ++dt) {
+    for (int dt = 0; warp < 4 && dt < 16; ++dt) {
         sm_acc[(warp * 8 + gid) * HEAD_DIM + dt * 8 + 2 * tig] = acc[dt][0];
         sm_acc[(warp * 8 + gid) * HEAD_DIM + dt * 8 + 2 * tig + 1] = acc[dt][1];
     }
-    if (tig == 0) {
+    if (warp < 4 && tig == 0) {
         sm_ml[(warp * 8 + gid) * 2] = m_i;
         sm_ml[(warp * 8 + gid) * 2 + 1] = l_i;
     }
     __syncthreads();
-    for (int idx = tid; idx < group * HEAD_DIM; idx += 128) {
+    for (int idx = tid; idx < group * HEAD_DIM; idx += blockDim.x) {
         const int row = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mall = NEG_INF;
         for (int w = 0; w < 4; ++w) mall = fmaxf(mall, sm_ml[(w * 8 + row) * 2]);
@@ -269,27 +297,42 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
         return f"GQA group {num_heads // num_kv_heads} (8 at most)"
     if block_size % BLOCK_N:
         return f"KV block size {block_size} (a multiple of {BLOCK_N})"
-    for cache in (k_cache, v_cache):
-        if cache.stride() != (
-            block_size * num_kv_heads * head_dim,
-            num_kv_heads * head_dim,
-            head_dim,
-            1,
-        ):
-            return "the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]"
+    layouts = {_layout(k_cache), _layout(v_cache)}
+    if None in layouts or len(layouts) > 1:
+        return (
+            "the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim] (NHD) "
+            "or a view of a contiguous [num_blocks, kv_heads, block_size, head_dim] (HND)"
+        )
     if q.stride(2) != 1:
         return "q needs a contiguous head_dim"
     return None
 
 
+def _layout(cache: torch.Tensor) -> str | None:
+    """The layout ("nhd", "hnd" or None) of a logical [blocks, block_size, kv_heads, head_dim]
+    cache, from its strides."""
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    if cache.stride() == (
+        block_size * num_kv_heads * head_dim,
+        num_kv_heads * head_dim,
+        head_dim,
+        1,
+    ):
+        return "nhd"
+    if cache.stride() == (block_size * num_kv_heads * head_dim, head_dim, block_size * head_dim, 1):
+        return "hnd"
+    return None
+
+
 @functools.cache
-def _kernel(dtype: torch.dtype):
-    options = [f"-DSTAGES={STAGES}", "--std=c++17"]
+def _kernel(dtype: torch.dtype, stages: int):
+    options = [f"-DSTAGES={stages}", f"-DMIN_PROGRAMS={MIN_PROGRAMS.get(stages, 1)}"]
+    options.append("--std=c++17")
     if dtype == torch.float16:
         options.append("-DNANOVLLM_FP16")
     kernel = torch.cuda._compile_kernel(_SOURCE, "decode_tma", nvcc_options=options)
-    kernel.set_shared_memory_config(SMEM_BYTES)
-    logger.info("compiled the TMA decode-attention kernel (%s, %d stages)", dtype, STAGES)
+    kernel.set_shared_memory_config(smem_bytes(stages))
+    logger.info("compiled the TMA decode-attention kernel (%s, %d stages)", dtype, stages)
     return kernel
 
 
@@ -297,18 +340,20 @@ _maps: dict[tuple, torch.Tensor] = {}
 
 
 def _tensor_map(cache: torch.Tensor) -> torch.Tensor:
-    """The TMA descriptor (128 bytes, in device memory) of ``cache`` viewed as a 2-D
-    [num_blocks * block_size, num_kv_heads * head_dim] tensor, boxes of [64 rows, 64 columns]
-    with the 128-byte swizzle. Cached per (address, shape)."""
-    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, cache.device.index)
+    """The TMA descriptor (128 bytes, in device memory) of ``cache`` as a 2-D tensor (NHD:
+    [num_blocks * block_size, num_kv_heads * head_dim]; HND: [num_blocks * num_kv_heads *
+    block_size, head_dim]), boxes of [64 rows, 64 columns] with the 128-byte swizzle. Cached per
+    (address, shape, layout)."""
+    layout = _layout(cache)
+    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, cache.device.index, layout)
     desc = _maps.get(key)
     if desc is not None:
         return desc
     import green_ctx
 
     drv = green_ctx.load_driver()
-    rows = cache.shape[0] * cache.shape[1]
-    cols = cache.shape[2] * cache.shape[3]
+    cols = cache.shape[3] if layout == "hnd" else cache.shape[2] * cache.shape[3]
+    rows = cache.numel() // cols
     dtype = (
         drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
         if cache.dtype == torch.bfloat16
@@ -347,11 +392,12 @@ def decode_stage1(
     part_lse: torch.Tensor,  # [num_seqs, num_heads, num_splits] fp32
     scale_log2e: float,
     num_splits: int,
+    stages: int = STAGES,
 ) -> None:
     """Split-KV stage 1 on the copy engine: the same outputs as the Triton stage 1."""
     num_seqs, num_heads, _ = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    _kernel(q.dtype)(
+    _kernel(q.dtype, stages)(
         grid=(num_seqs, num_kv_heads, num_splits),
         block=(THREADS, 1, 1),
         args=[
@@ -373,6 +419,8 @@ def decode_stage1(
             num_heads // num_kv_heads,
             block_size,
             num_splits,
+            num_kv_heads,
+            int(_layout(k_cache) == "hnd"),
         ],
-        shared_mem=SMEM_BYTES,
+        shared_mem=smem_bytes(stages),
     )

@@ -359,8 +359,9 @@ class DecodeConfig:
     num_stages: int = 3  # tiles in flight per program = num_stages - 1
     prefetch_table: bool = True
     tile_in_block: bool = True  # one block id per tile when BLOCK_N divides the block size
-    # Stage 1 on the Hopper copy engine (kernels/tma_decode.py) where the call qualifies; the
-    # Triton kernel otherwise. Faster per SM, which is what a small green partition needs.
+    # Stage 1 on the Hopper copy engine (kernels/tma_decode.py) where the call qualifies (with
+    # max(2, num_stages) tiles in flight; block_n and num_warps do not apply), the Triton kernel
+    # otherwise. Faster per SM, which is what a small green partition needs.
     tma: bool = False
 
 
@@ -428,7 +429,7 @@ def paged_decode_attention(
         if tma_decode.supported(q, k_cache, v_cache) is None:
             tma_decode.decode_stage1(
                 q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
-                scale * LOG2E, num_splits,
+                scale * LOG2E, num_splits, stages=max(2, cfg.num_stages),
             )  # fmt: skip
             return out if num_splits == 1 else _merge(part_o, part_lse, out, num_splits)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](

@@ -139,3 +139,40 @@ def test_search_split_stays_on_the_default_when_nothing_wins(monkeypatch, tmp_pa
     assert pipe.repartitions == [(24, 108), (64, 68), (40, 92)]
     assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (40, 92)
     assert policy.mode(8) == "sequential" and len(policy.searched) == 3
+
+
+def _kernel_pipe(choice, attention_sms, backend="triton", supported=None, monkeypatch=None):
+    from nanovllm.kernels import tma_decode
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(tma_decode, "supported", lambda q, k, v: supported)
+    attn = SimpleNamespace(k_cache=None, v_cache=None)
+    layer = SimpleNamespace(self_attn=SimpleNamespace(attn=attn))
+    return SimpleNamespace(
+        runner=SimpleNamespace(
+            config=SimpleNamespace(pipeline_attention_kernel=choice),
+            backend=SimpleNamespace(name=backend),
+        ),
+        green=SimpleNamespace(attention_sms=attention_sms),
+        model=SimpleNamespace(model=SimpleNamespace(layers=[layer])),
+        q=None,
+        logged_kernel_choice=set(),
+    )
+
+
+def test_tma_attention_choice(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="nanovllm.engine.pipeline_policy")
+    ok = dict(monkeypatch=monkeypatch, supported=None)
+    assert pp.use_tma_attention(_kernel_pipe("auto", 24, **ok)) is True
+    assert pp.use_tma_attention(_kernel_pipe("auto", pp.TMA_MAX_SMS, **ok)) is True
+    assert pp.use_tma_attention(_kernel_pipe("auto", 40, **ok)) is False  # too many SMs
+    assert pp.use_tma_attention(_kernel_pipe("tma", 40, **ok)) is True  # forced
+    assert pp.use_tma_attention(_kernel_pipe("triton", 24, **ok)) is False
+    assert pp.use_tma_attention(_kernel_pipe("tma", 24, backend="torch", **ok)) is False
+    no = dict(monkeypatch=monkeypatch, supported="head_dim 64 (128 only)")
+    assert pp.use_tma_attention(_kernel_pipe("tma", 24, **no)) is False
+    assert "not TMA, head_dim 64" in caplog.text
+    pipe = _kernel_pipe("auto", 24, **ok)
+    pp.use_tma_attention(pipe)
+    pp.use_tma_attention(pipe)
+    assert pipe.logged_kernel_choice == {24}  # logged once per partition size

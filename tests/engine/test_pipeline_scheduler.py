@@ -99,3 +99,33 @@ def test_rebalance_moves_sms_towards_the_slower_stage(tiny_model):
     assert pipe.rebalance() == (40, 92)
     pipe.stats.attention_ms, pipe.stats.ffn_ms = [1.0], [1.05]
     assert pipe.rebalance() == (40, 92) and len(green.calls) == 2  # balanced: no change
+
+
+@torch.inference_mode()
+def test_attention_stage_metadata_names_its_partition(tiny_model, monkeypatch):
+    """Each micro-batch's attention call gets the attention partition's SM count (for the
+    kernel's split count) and the kernel choice; the plain forward keeps the whole GPU."""
+    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
+    runner = llm.model_runner
+
+    class Green24(SerialGreen):
+        attention_sms = 24
+
+    pipe = PipelineScheduler(runner, "green", "", green=Green24())
+    assert pipe.attention_tma is False  # CPU: the copy-engine kernel needs an sm_90 GPU
+    seen = []
+    backend = runner.backend
+    decode = backend.decode
+    monkeypatch.setattr(
+        backend,
+        "decode",
+        lambda q, k, v, meta, scale: (
+            seen.append((meta.decode_num_sms, meta.decode_tma)) or decode(q, k, v, meta, scale)
+        ),
+    )
+    inputs = decode_batch(llm, [5, 17, 33])
+    pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
+    assert seen and set(seen) == {(24, False)}
+    seen.clear()
+    runner.model(inputs.input_ids, inputs.positions, inputs.meta)
+    assert set(seen) == {(None, False)}

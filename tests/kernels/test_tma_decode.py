@@ -104,3 +104,36 @@ def test_unsupported_shape_falls_back_to_triton_gpu():
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.1, config=TMA
     )
     H.assert_close(out, ref, atol=H.ATOL)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_tma_decode_head_major_cache_gpu():
+    """A cache stored [blocks, kv_heads, block_size, head_dim] (HND), passed as the logical view."""
+    lens = H.gpu_lens(9, 1300, 64, seed=7)
+    q, k_cache, v_cache, meta = H.decode_case(lens, 4, 4, 128, 64, torch.bfloat16, H.GPU, seed=7)
+    k_hnd = k_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    v_hnd = v_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert tma_decode.supported(q, k_hnd, v_hnd) is None
+    ref = H.TORCH.decode(q, k_cache, v_cache, meta, 0.08)
+    for num_splits in (1, 4):
+        out = paged_decode_attention(
+            q, k_hnd, v_hnd, meta.block_tables, meta.context_lens, 0.08,
+            num_splits=num_splits, config=TMA,
+        )  # fmt: skip
+        H.assert_close(out, ref, atol=H.ATOL)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("stages", [2, 4])
+def test_tma_decode_stage_counts_gpu(stages):
+    lens = H.gpu_lens(11, 2100, 256, seed=stages)
+    q, k_cache, v_cache, meta = H.decode_case(lens, 8, 4, 128, 256, torch.bfloat16, H.GPU)
+    ref = H.TORCH.decode(q, k_cache, v_cache, meta, 0.08)
+    for num_splits in (1, 5):
+        out = paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.08,
+            num_splits=num_splits, config=DecodeConfig(num_stages=stages, tma=True),
+        )  # fmt: skip
+        H.assert_close(out, ref, atol=H.ATOL)
