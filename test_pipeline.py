@@ -125,6 +125,32 @@ def test_gpu_pipelined_tokens_equal_sequential(piped_llm):
 
 
 @pytest.mark.gpu
+def test_gpu_tma_attention_stage(piped_llm, gpu_model_06b):
+    """On a 24-SM attention partition the attention stage runs the copy-engine kernel: tokens
+    agree with sequential decode (which runs the Triton kernel on the whole GPU) where the two
+    kernels' roundings cannot differ much, i.e. the first steps of every sequence."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the copy-engine kernel needs an sm_90 GPU")
+    llm = gpu_pipeline_engine(
+        gpu_model_06b,
+        0.2,
+        pipeline_policy="always",
+        pipeline_attention_sm_count=24,
+        pipeline_ffn_sm_count=108,
+    )
+    try:
+        pipe = llm.model_runner.pipeline
+        assert pipe.active and pipe.attention_tma
+        prompts = mixed_prompts(16, seed=7)
+        seq = _generate(llm, prompts, pipelined=False)
+        piped = _generate(llm, prompts, pipelined=True)
+        assert all(a[:2] == b[:2] for a, b in zip(seq, piped))
+        assert sum(a == b for a, b in zip(seq, piped)) >= len(prompts) // 2
+    finally:
+        llm.exit()
+
+
+@pytest.mark.gpu
 def test_gpu_pipeline_repeatable(piped_llm):
     prompts = mixed_prompts(32, seed=5)
     runs = [_generate(piped_llm, prompts, pipelined=True) for _ in range(3)]

@@ -65,6 +65,5 @@ class TritonAttentionBackend:
             meta.block_tables,
             meta.context_lens,
             scale,
-            num_sms=meta.decode_num_sms,
             config=_TMA if meta.decode_tma else None,
         )

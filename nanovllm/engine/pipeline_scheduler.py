@@ -160,14 +160,9 @@ class PipelineScheduler:
         self.ready.record(main)
         _wait(attn_stream, self.ready)
         _wait(ffn_stream, self.ready)
-        # The attention stage's kernel and split count are those of its partition.
+        # The attention stage's kernel is the one chosen for its partition.
         metas = [
-            replace(
-                meta.decode_slice(lo, hi),
-                decode_num_sms=self.green.attention_sms or None,
-                decode_tma=self.attention_tma,
-            )
-            for lo, hi in bounds
+            replace(meta.decode_slice(lo, hi), decode_tma=self.attention_tma) for lo, hi in bounds
         ]
         residual: list[torch.Tensor | None] = [None] * len(bounds)
         for layer in range(num_layers + 1):

@@ -103,8 +103,8 @@ def test_rebalance_moves_sms_towards_the_slower_stage(tiny_model):
 
 @torch.inference_mode()
 def test_attention_stage_metadata_names_its_partition(tiny_model, monkeypatch):
-    """Each micro-batch's attention call gets the attention partition's SM count (for the
-    kernel's split count) and the kernel choice; the plain forward keeps the whole GPU."""
+    """Each micro-batch's attention call carries the kernel chosen for the attention partition;
+    the plain forward never asks for the copy-engine kernel."""
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
     runner = llm.model_runner
 
@@ -119,13 +119,16 @@ def test_attention_stage_metadata_names_its_partition(tiny_model, monkeypatch):
     monkeypatch.setattr(
         backend,
         "decode",
-        lambda q, k, v, meta, scale: (
-            seen.append((meta.decode_num_sms, meta.decode_tma)) or decode(q, k, v, meta, scale)
-        ),
+        lambda q, k, v, meta, scale: seen.append(meta.decode_tma) or decode(q, k, v, meta, scale),
     )
     inputs = decode_batch(llm, [5, 17, 33])
     pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
-    assert seen and set(seen) == {(24, False)}
+    assert len(seen) == 2 * llm.runtime.hf_config.num_hidden_layers  # 2 micro-batches per layer
+    assert set(seen) == {False}
+    pipe.attention_tma = True  # as chosen on an sm_90 GPU
+    seen.clear()
+    pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
+    assert set(seen) == {True}
     seen.clear()
     runner.model(inputs.input_ids, inputs.positions, inputs.meta)
-    assert set(seen) == {(None, False)}
+    assert set(seen) == {False}
