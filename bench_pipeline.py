@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", nargs="+", help="attention,ffn SM counts, e.g. 32,96 48,80")
     p.add_argument(
         "--attention-kernel",
-        choices=("auto", "triton", "tma"),
-        default="auto",
+        choices=("triton", "tma"),
+        default="triton",
         help="the pipeline's decode-attention kernel (Config.pipeline_attention_kernel)",
     )
     p.add_argument("--microbatches", type=int, nargs="+", help="micro-batch counts, e.g. 2 3")

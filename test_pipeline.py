@@ -126,7 +126,7 @@ def test_gpu_pipelined_tokens_equal_sequential(piped_llm):
 
 @pytest.mark.gpu
 def test_gpu_tma_attention_stage(piped_llm, gpu_model_06b):
-    """On a 24-SM attention partition the attention stage runs the copy-engine kernel: tokens
+    """With pipeline_attention_kernel="tma" the attention stage runs the copy-engine kernel: tokens
     agree with sequential decode (which runs the Triton kernel on the whole GPU) where the two
     kernels' roundings cannot differ much, i.e. the first steps of every sequence."""
     if torch.cuda.get_device_capability() < (9, 0):
@@ -137,6 +137,7 @@ def test_gpu_tma_attention_stage(piped_llm, gpu_model_06b):
         pipeline_policy="always",
         pipeline_attention_sm_count=24,
         pipeline_ffn_sm_count=108,
+        pipeline_attention_kernel="tma",
     )
     try:
         pipe = llm.model_runner.pipeline

@@ -34,7 +34,7 @@ class Config:
     pipeline_enable_profiling: bool = False
     pipeline_num_microbatches: int = 2
     pipeline_policy: str = "auto"
-    pipeline_attention_kernel: str = "auto"
+    pipeline_attention_kernel: str = "triton"
 
     def __post_init__(self):
         def bad(name, fix):
@@ -101,11 +101,11 @@ class Config:
                 'use "auto" (pipeline only the batch sizes where calibration shows it pays) or '
                 '"always"',
             )
-        if self.pipeline_attention_kernel not in ("auto", "triton", "tma"):
+        if self.pipeline_attention_kernel not in ("triton", "tma"):
             bad(
                 "pipeline_attention_kernel",
-                'use "auto" (the copy-engine kernel on attention partitions of at most 32 SMs, '
-                'Triton otherwise), "triton" or "tma"',
+                'use "triton" or "tma" (the copy-engine kernel on the attention partition, where '
+                "the GPU and the model's shapes allow it)",
             )
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:

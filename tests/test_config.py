@@ -24,7 +24,7 @@ def test_defaults(tiny_model):
     assert c.enable_pipeline is False
     assert c.pipeline_attention_sm_count is None and c.pipeline_ffn_sm_count is None
     assert c.pipeline_num_microbatches == 2 and c.pipeline_enable_profiling is False
-    assert c.pipeline_policy == "auto" and c.pipeline_attention_kernel == "auto"
+    assert c.pipeline_policy == "auto" and c.pipeline_attention_kernel == "triton"
 
 
 def test_valid_non_defaults(tiny_model):
@@ -46,7 +46,7 @@ def test_valid_non_defaults(tiny_model):
 
 INVALID = [
     ("pipeline_policy", "sometimes"),
-    ("pipeline_attention_kernel", "cuda"),
+    ("pipeline_attention_kernel", "auto"),
     ("max_num_batched_tokens", 0),
     ("max_num_batched_tokens", -1),
     ("max_num_batched_tokens", 1.5),

@@ -27,10 +27,6 @@ logger = logging.getLogger(__name__)
 CALIBRATION_CONTEXT = 1024  # tokens per synthetic sequence (at most max_model_len / 2)
 MARGIN = 0.02  # pipeline only when at least 2% faster: noise must not flip a bucket
 REPS = 5
-# The copy-engine (TMA) decode kernel reads more per SM than the Triton one on partitions of
-# 16-32 SMs and less from 48 up (benchmarks/sm_bandwidth.py on an H100: 73/67/60 against
-# 55/54/52 GB/s per SM at 16/24/32 SMs, 45 against 48 at 48).
-TMA_MAX_SMS = 32
 
 
 def calibration_buckets(buckets: list[int]) -> list[int]:
@@ -155,15 +151,17 @@ class PipelinePolicy:
 
 
 def use_tma_attention(pipe) -> bool:
-    """Whether the attention stage runs decode attention on the copy-engine kernel, per
-    ``pipeline_attention_kernel`` ("auto": on attention partitions of at most TMA_MAX_SMS SMs)
-    and where the model's shapes qualify. Logged once per partition size."""
+    """Whether the attention stage runs decode attention on the copy-engine kernel: asked for
+    with ``pipeline_attention_kernel="tma"`` and possible for the backend, GPU and model shapes.
+    Logged once per partition size.
+
+    Not the default: alone on a partition of 8-32 SMs it reads 15-35% more per SM than the
+    Triton kernel (benchmarks/sm_bandwidth.py), but inside the pipeline, next to the FFN stage,
+    it measured no faster and once 8% slower (bench_pipeline.py, PIPELINE_README.md)."""
     choice = pipe.runner.config.pipeline_attention_kernel
     sms = pipe.green.attention_sms
     if choice == "triton":
         why = 'pipeline_attention_kernel="triton"'
-    elif choice == "auto" and sms > TMA_MAX_SMS:
-        why = f"{sms} attention SMs (it pays on at most {TMA_MAX_SMS})"
     elif pipe.runner.backend.name != "triton":
         why = f"the {pipe.runner.backend.name} attention backend"
     else:

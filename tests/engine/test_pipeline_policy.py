@@ -163,16 +163,14 @@ def _kernel_pipe(choice, attention_sms, backend="triton", supported=None, monkey
 def test_tma_attention_choice(monkeypatch, caplog):
     caplog.set_level("INFO", logger="nanovllm.engine.pipeline_policy")
     ok = dict(monkeypatch=monkeypatch, supported=None)
-    assert pp.use_tma_attention(_kernel_pipe("auto", 24, **ok)) is True
-    assert pp.use_tma_attention(_kernel_pipe("auto", pp.TMA_MAX_SMS, **ok)) is True
-    assert pp.use_tma_attention(_kernel_pipe("auto", 40, **ok)) is False  # too many SMs
-    assert pp.use_tma_attention(_kernel_pipe("tma", 40, **ok)) is True  # forced
+    assert pp.use_tma_attention(_kernel_pipe("tma", 24, **ok)) is True
+    assert pp.use_tma_attention(_kernel_pipe("tma", 64, **ok)) is True
     assert pp.use_tma_attention(_kernel_pipe("triton", 24, **ok)) is False
     assert pp.use_tma_attention(_kernel_pipe("tma", 24, backend="torch", **ok)) is False
     no = dict(monkeypatch=monkeypatch, supported="head_dim 64 (128 only)")
     assert pp.use_tma_attention(_kernel_pipe("tma", 24, **no)) is False
     assert "not TMA, head_dim 64" in caplog.text
-    pipe = _kernel_pipe("auto", 24, **ok)
+    pipe = _kernel_pipe("tma", 24, **ok)
     pp.use_tma_attention(pipe)
     pp.use_tma_attention(pipe)
     assert pipe.logged_kernel_choice == {24}  # logged once per partition size
