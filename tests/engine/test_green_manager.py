@@ -8,10 +8,7 @@ forked/joined across the two streams and replayed from the default stream.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,21 +23,10 @@ from nanovllm.engine.sm_budget import (
     set_cublas_sm_budget,
     validate_sm_counts,
 )
+from tests.helpers import load_test_module
 
-
-def _load_green_ctx_tests():
-    # Reuse the fake driver and the %smid kernel instead of keeping two copies.
-    name = "_green_ctx_test_helpers"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "test_green_ctx.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_green_ctx_tests()
+# Reuse the fake driver and the %smid kernel instead of keeping two copies.
+helpers = load_test_module("test_green_ctx.py")
 FakeDriver, FakeResult = helpers.FakeDriver, helpers.FakeResult
 
 

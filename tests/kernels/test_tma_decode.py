@@ -6,10 +6,6 @@ kernel, so a silent fallback to the Triton kernel cannot pass for it.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,21 +13,10 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels import tma_decode  # noqa: E402
 from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention  # noqa: E402
+from tests.helpers import load_test_module  # noqa: E402
 
-
-def _attention_helpers():
-    # Reuse the decode cases and the torch reference of the attention-backend tests.
-    name = "_attention_test_helpers"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "attention" / "test_triton_backend.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _attention_helpers()
+# The decode cases and the torch reference of the attention-backend tests.
+H = load_test_module("attention/test_triton_backend.py")
 TMA = DecodeConfig(tma=True)
 
 
