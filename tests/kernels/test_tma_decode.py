@@ -26,6 +26,11 @@ def test_supported_names_the_reason_on_cpu():
     assert "CUDA GPU" in tma_decode.supported(q, cache, cache)
 
 
+def test_cuda_source_ships_with_the_package():
+    source = tma_decode._SOURCE_PATH.read_text()
+    assert 'extern "C" __global__' in source and "decode_tma(" in source
+
+
 def _sm90() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
