@@ -194,10 +194,21 @@ def choose_split(results: dict[tuple[int, int], dict[int, dict]], default: tuple
     return best if saved_ms(results[best]) > 0 else default
 
 
+def _context(runner) -> int:
+    return min(runner.runtime.max_model_len // 2, CALIBRATION_CONTEXT)
+
+
+def _cached_split(pipe, attention_sms: int, ffn_sms: int) -> dict[int, dict] | None:
+    """The cached timings of a split, looked up without re-partitioning to it."""
+    runner = pipe.runner
+    key, _ = cache_key(runner, attention_sms, ffn_sms, pipe.num_microbatches, _context(runner))
+    return load_cached(key)
+
+
 def _measure_split(pipe) -> tuple[dict[int, dict], str, int]:
     """Per-bucket timings of ``pipe``'s current split: (measured, "cached"|"measured", context)."""
     runner, g = pipe.runner, pipe.green
-    context = min(runner.runtime.max_model_len // 2, CALIBRATION_CONTEXT)
+    context = _context(runner)
     key, parts = cache_key(runner, g.attention_sms, g.ffn_sms, pipe.num_microbatches, context)
     measured = load_cached(key)
     if measured is not None:
@@ -244,18 +255,24 @@ def calibrate(pipe) -> PipelinePolicy:
 def search_split(pipe) -> PipelinePolicy:
     """Calibrate every candidate split (the current one first), keep the one whose pipelined
     buckets save the most step time, or the current one when no split saves any. Each split is
-    cached on disk on its own, so a later engine re-partitions and re-captures but times
-    nothing."""
+    cached on disk on its own and looked up before re-partitioning to it, so a later engine
+    re-partitions (and re-captures) only to a winning split other than the current one."""
     g = pipe.green
     default = (g.attention_sms, g.ffn_sms)
     order = [default] + [c for c in g.split_candidates() if c != default]
     results: dict[tuple[int, int], dict[int, dict]] = {}
     sources = set()
+    context = _context(pipe.runner)
     for attention, ffn in order:
+        cached = _cached_split(pipe, attention, ffn)
+        if cached is not None:
+            results[(attention, ffn)] = cached
+            sources.add("cached")
+            continue
         if (attention, ffn) != (g.attention_sms, g.ffn_sms):
             pipe.repartition(attention, ffn)
         measured, source, context = _measure_split(pipe)
-        results[(g.attention_sms, g.ffn_sms)] = measured
+        results[(g.attention_sms, g.ffn_sms)] = measured  # the counts the driver granted
         sources.add(source)
     best = choose_split(results, default)
     if best != (g.attention_sms, g.ffn_sms):

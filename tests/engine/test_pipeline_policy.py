@@ -1,5 +1,6 @@
 """The pipelining policy's pure parts: decisions, bucket mapping, the disk cache."""
 
+import json
 from types import SimpleNamespace
 
 import torch
@@ -128,10 +129,11 @@ def test_search_split_tries_every_candidate_and_keeps_the_fastest(monkeypatch, t
     assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (24, 108)
     assert set(policy.searched) == {"40/92", "24/108", "64/68"}
     assert policy.mode(8) == "pipelined" and policy.measured[8]["pipelined_ms"] == 9.0
-    # a second search reads every split from the cache: same answer, same re-partitions
+    # a second search reads every split from the cache without re-partitioning to it: same
+    # answer, one re-partition (to the winner)
     pipe2, policy2 = search(monkeypatch, tmp_path, {24: 99.0, 40: 99.0, 64: 99.0})
-    assert pipe2.repartitions == pipe.repartitions
-    assert policy2.searched == policy.searched
+    assert pipe2.repartitions == [(24, 108)]
+    assert policy2.searched == policy.searched and policy2.measured == policy.measured
 
 
 def test_search_split_stays_on_the_default_when_nothing_wins(monkeypatch, tmp_path):
@@ -139,6 +141,23 @@ def test_search_split_stays_on_the_default_when_nothing_wins(monkeypatch, tmp_pa
     assert pipe.repartitions == [(24, 108), (64, 68), (40, 92)]
     assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (40, 92)
     assert policy.mode(8) == "sequential" and len(policy.searched) == 3
+    # with every split cached, the next engine stays where it is: no re-partition, no re-capture
+    pipe2, policy2 = search(monkeypatch, tmp_path, {24: 99.0, 40: 99.0, 64: 99.0})
+    assert pipe2.repartitions == []
+    assert policy2.mode(8) == "sequential" and policy2.searched == policy.searched
+
+
+def test_search_split_measures_only_what_the_cache_lacks(monkeypatch, tmp_path):
+    search(monkeypatch, tmp_path, {24: 11.0, 40: 10.0, 64: 12.0})
+    with open(pp.cache_path()) as f:
+        table = json.load(f)
+    del table["64-68"]  # one split never measured on this card
+    with open(pp.cache_path(), "w") as f:
+        json.dump(table, f)
+    pipe, policy = search(monkeypatch, tmp_path, {24: 11.0, 40: 10.0, 64: 8.0})
+    # 40 and 24 come from the cache; 64 is measured (and now wins)
+    assert pipe.repartitions == [(64, 68)]
+    assert policy.mode(8) == "pipelined" and policy.measured[8]["pipelined_ms"] == 8.0
 
 
 def _kernel_pipe(choice, attention_sms, backend="triton", supported=None, monkeypatch=None):
