@@ -101,6 +101,7 @@ def cache_key(runner, attention_sms: int, ffn_sms: int, num_microbatches: int, c
         f"ctx={context}",
         f"graphs={runner.graph_runner is not None}",
         f"max_num_seqs={cfg.max_num_seqs}",
+        f"attention_kernel={cfg.pipeline_attention_kernel}",
     ]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], parts
 

@@ -193,3 +193,32 @@ def test_tma_attention_choice(monkeypatch, caplog):
     pp.use_tma_attention(pipe)
     pp.use_tma_attention(pipe)
     assert pipe.logged_kernel_choice == {24}  # logged once per partition size
+
+
+def test_cache_key_names_what_changes_the_timings(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    hf = SimpleNamespace(
+        num_hidden_layers=36,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
+
+    def runner(kernel):
+        return SimpleNamespace(
+            runtime=SimpleNamespace(hf_config=hf),
+            config=SimpleNamespace(max_num_seqs=256, pipeline_attention_kernel=kernel),
+            backend=SimpleNamespace(name="triton"),
+            dtype=torch.bfloat16,
+            device=torch.device("cpu"),
+            graph_runner=object(),
+        )
+
+    key, parts = pp.cache_key(runner("triton"), 40, 92, 2, 1024)
+    assert key == pp.cache_key(runner("triton"), 40, 92, 2, 1024)[0]
+    assert "sms=40,92" in parts and "attention_kernel=triton" in parts
+    assert key != pp.cache_key(runner("tma"), 40, 92, 2, 1024)[0]
+    assert key != pp.cache_key(runner("triton"), 24, 108, 2, 1024)[0]
+    assert key != pp.cache_key(runner("triton"), 40, 92, 3, 1024)[0]
