@@ -271,8 +271,8 @@ def main(argv=None) -> dict:
                 nbytes,
             )
         for spec in args.attn:
-            layout, block_n, warps, stages, *kv = spec.split(",")
-            attn_args = (layout, int(block_n), int(warps), int(stages), "".join(kv), sms)
+            layout, block_n, warps, stages, *variant = spec.split(",")
+            attn_args = (layout, int(block_n), int(warps), int(stages), "".join(variant), sms)
             yield (
                 f"attn {spec}",
                 lambda a=attn_args: attn(*a),
