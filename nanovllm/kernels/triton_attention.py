@@ -19,11 +19,14 @@ accumulated in fp32.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 
@@ -326,6 +329,11 @@ def _decode_merge_kernel(
 
 
 @functools.cache
+def _log_fallback_once(why: str) -> None:
+    logger.info("decode attention: the Triton kernel, not the copy-engine one asked for: %s", why)
+
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -426,12 +434,14 @@ def paged_decode_attention(
     if cfg.tma and is_gpu:
         from nanovllm.kernels import tma_decode
 
-        if tma_decode.supported(q, k_cache, v_cache) is None:
+        why = tma_decode.supported(q, k_cache, v_cache)
+        if why is None:
             tma_decode.decode_stage1(
                 q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
                 scale * LOG2E, num_splits, stages=max(2, cfg.num_stages),
             )  # fmt: skip
             return out if num_splits == 1 else _merge(part_o, part_lse, out, num_splits)
+        _log_fallback_once(why)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
