@@ -156,7 +156,7 @@ def use_tma_attention(pipe) -> bool:
     with ``pipeline_attention_kernel="tma"`` and possible for the backend, GPU and model shapes.
     Logged once per partition size.
 
-    Not the default: alone on a partition of 8-32 SMs it reads 15-35% more per SM than the
+    Not the default: alone on a partition of 8-32 SMs it reads 13-35% more per SM than the
     Triton kernel (benchmarks/sm_bandwidth.py), but inside the pipeline, next to the FFN stage,
     it measured no faster and once 8% slower (bench_pipeline.py, PIPELINE_README.md)."""
     choice = pipe.runner.config.pipeline_attention_kernel

@@ -9,7 +9,7 @@ TMA on full/empty mbarriers, and four warps do the math with ``mma.sync`` on til
 wrote with the 128-byte swizzle (conflict-free ``ldmatrix``), each with its own online softmax
 over its 16 keys of every tile, merged at the end.
 
-Measured on an H100 (``PIPELINE_README.md``): 60-80 GB/s per SM on 8-32 SMs, 15-35% more than the
+Measured on an H100 (``PIPELINE_README.md``): 60-80 GB/s per SM on 8-32 SMs, 13-35% more than the
 Triton kernel, less from 64 SMs up; inside the pipeline not faster yet, so it is opt-in
 (``DecodeConfig.tma``, ``Config.pipeline_attention_kernel="tma"``).
 
