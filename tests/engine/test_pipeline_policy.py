@@ -197,14 +197,9 @@ def test_tma_attention_choice(monkeypatch, caplog):
 
 def test_cache_key_names_what_changes_the_timings(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
-    hf = SimpleNamespace(
-        num_hidden_layers=36,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    )
+    from nanovllm.utils.default_model import SHAPES
+
+    hf = SimpleNamespace(**SHAPES["8b"])
 
     def runner(kernel):
         return SimpleNamespace(
