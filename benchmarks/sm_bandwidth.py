@@ -15,8 +15,8 @@ with kernels of increasing sophistication, each alone on the partition:
   block_size, head_dim]: each KV head's keys contiguous); ``--attn`` as
   layout,block_n,num_warps,num_stages[,token|loads|tma] (``token``: per-token block ids, the
   kernel before one block id per tile; ``loads``: the same loads with no math, the load path's
-  own limit; ``tma``: the copy-engine kernel ``kernels/tma_decode.py``, NHD only, tile knobs
-  ignored).
+  own limit; ``tma``: the copy-engine kernel ``kernels/tma_decode.py``, either layout, with
+  num_stages tiles in flight and the other tile knobs ignored).
 
 Every figure is GB/s of bytes read (each read once, 1 GiB or more so L2 cannot hold it), and
 GB/s per SM of the partition.
