@@ -248,6 +248,69 @@ def time_fns(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def concurrent_ms(fn_by_stream: dict, reps: int) -> tuple[float, dict]:
+    """``{name: (stream, fn)}`` issued together, each on its stream: the median wall ms until
+    every stream's work is done, and the median ms per stream. The first repetition compiles
+    and warms up and is not counted."""
+    total, per = [], {name: [] for name in fn_by_stream}
+    for _ in range(reps + 1):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        ends = {}
+        for name, (stream, fn) in fn_by_stream.items():
+            stream.wait_event(start)
+            with torch.cuda.stream(stream):
+                fn()
+                ends[name] = torch.cuda.Event(enable_timing=True)
+                ends[name].record()
+        torch.cuda.synchronize()
+        per_rep = {name: start.elapsed_time(e) for name, e in ends.items()}
+        total.append(max(per_rep.values()))
+        for name, ms in per_rep.items():
+            per[name].append(ms)
+    return statistics.median(total[1:]), {k: statistics.median(v[1:]) for k, v in per.items()}
+
+
+class PagedDecodeCase:
+    """Decode-attention inputs at the Qwen3-8B shape (32 heads, 8 KV heads, head_dim 128, KV
+    blocks of 256, bf16): ``calls`` batches of ``batch`` sequences of ``ctx`` tokens, each call
+    on its own randomly placed KV blocks, with at least ``min_bytes`` of K+V in all (enough to
+    defeat L2). ``layout`` "hnd" stores the cache [blocks, kv_heads, block_size, head_dim] and
+    passes the logical [blocks, block_size, kv_heads, head_dim] view, as "nhd" is stored."""
+
+    HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 256
+
+    def __init__(self, device, batch: int, ctx: int, min_bytes: int, layout: str = "nhd"):
+        d, kv_heads, bs, dtype = self.HEAD_DIM, self.KV_HEADS, self.BLOCK, torch.bfloat16
+        self.batch, self.ctx = batch, ctx
+        kv_bytes = 2 * batch * ctx * kv_heads * d * 2
+        self.calls = max(1, math.ceil(min_bytes / kv_bytes))
+        self.nbytes = self.calls * kv_bytes
+        num_blocks = self.calls * batch * math.ceil(ctx / bs)
+        shape, perm = {
+            "nhd": ((num_blocks, bs, kv_heads, d), (0, 1, 2, 3)),
+            "hnd": ((num_blocks, kv_heads, bs, d), (0, 2, 1, 3)),
+        }[layout]
+        self.k = torch.randn(shape, dtype=dtype, device=device).permute(*perm)
+        self.v = torch.randn(shape, dtype=dtype, device=device).permute(*perm)
+        self.tables = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(
+            self.calls, batch, -1
+        )
+        self.lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        self.q = torch.randn(batch, self.HEADS, d, dtype=dtype, device=device)
+
+    def run(self, config=None, num_sms: int | None = None) -> None:
+        """Every call's decode attention (``config``: a ``DecodeConfig``, or the default)."""
+        from nanovllm.kernels.triton_attention import paged_decode_attention
+
+        scale = self.HEAD_DIM**-0.5
+        for i in range(self.calls):
+            paged_decode_attention(
+                self.q, self.k, self.v, self.tables[i], self.lens, scale,
+                num_sms=num_sms, config=config,
+            )  # fmt: skip
+
+
 def _copy_ms(device: torch.device, nbytes: int, reps: int) -> float:
     x = torch.empty(nbytes, dtype=torch.uint8, device=device)
     return time_fns({"copy": x.clone}, reps, 3, device)["copy"]

@@ -23,16 +23,14 @@ few SMs.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import PagedDecodeCase, concurrent_ms, environment, write_json  # noqa: E402
 
 L2_DEFEAT_BYTES = 512 << 20
 
@@ -120,49 +118,19 @@ def persistent_matmul():
     return run
 
 
-def events_ms(fn_by_stream: dict, reps: int) -> tuple[float, dict]:
-    """Median wall ms until every stream's work is done, and the median per stream."""
-    total, per = [], {name: [] for name in fn_by_stream}
-    for _ in range(reps + 1):
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        ends = {}
-        for name, (stream, fn) in fn_by_stream.items():
-            stream.wait_event(start)
-            with torch.cuda.stream(stream):
-                fn()
-                ends[name] = torch.cuda.Event(enable_timing=True)
-                ends[name].record()
-        torch.cuda.synchronize()
-        per_rep = {name: start.elapsed_time(e) for name, e in ends.items()}
-        total.append(max(per_rep.values()))
-        for name, ms in per_rep.items():
-            per[name].append(ms)
-    # the first repetition compiles and warms up
-    return statistics.median(total[1:]), {k: statistics.median(v[1:]) for k, v in per.items()}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import green_ctx
     from nanovllm.engine.sm_budget import set_cublas_sm_budget
-    from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention
+    from nanovllm.kernels.triton_attention import DecodeConfig
 
     dev = torch.device("cuda")
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     total_sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    heads, kv_heads, d, bs, dtype = 32, 8, 128, 256, torch.bfloat16
+    dtype = torch.bfloat16
     batch, ctx = args.batch, args.ctx
-    blocks_per_seq = math.ceil(ctx / bs)
-    kv_bytes = 2 * batch * ctx * kv_heads * d * 2
-    calls = max(1, math.ceil(L2_DEFEAT_BYTES / kv_bytes))
-    num_blocks = calls * batch * blocks_per_seq
-    k_cache = torch.randn(num_blocks, bs, kv_heads, d, dtype=dtype, device=dev)
-    v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(calls, batch, -1)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, heads, d, dtype=dtype, device=dev)
+    case = PagedDecodeCase(dev, batch, ctx, L2_DEFEAT_BYTES)
 
     def decode_config(spec: str) -> DecodeConfig:
         block_n, warps, stages, *tma = spec.split(",")
@@ -171,13 +139,7 @@ def main(argv=None) -> dict:
     configs = [decode_config(c) for c in args.configs]
 
     def attention(cfg, num_sms):
-        def run():
-            for i in range(calls):
-                paged_decode_attention(
-                    q, k_cache, v_cache, tables[i], lens, d**-0.5, num_sms=num_sms, config=cfg
-                )
-
-        return run
+        return lambda: case.run(cfg, num_sms)
 
     w = torch.randn(4096, 24576, dtype=dtype, device=dev)
     xs = {m: torch.randn(m, 4096, dtype=dtype, device=dev) for m in args.gemm_m}
@@ -199,7 +161,7 @@ def main(argv=None) -> dict:
         return run
 
     def gbs(ms):
-        return calls * kv_bytes / (ms * 1e-3) / 1e9
+        return case.nbytes / (ms * 1e-3) / 1e9
 
     def tflops(m, ms):
         return 4 * 2 * m * 4096 * 24576 / (ms * 1e-3) / 1e12
@@ -207,12 +169,12 @@ def main(argv=None) -> dict:
     default = torch.cuda.current_stream()
     whole_attn = {}
     for cfg in configs:
-        ms, _ = events_ms({"a": (default, attention(cfg, None))}, args.reps)
+        ms, _ = concurrent_ms({"a": (default, attention(cfg, None))}, args.reps)
         whole_attn[cfg] = ms
-    whole_gemm = {m: events_ms({"g": (default, gemm(m, None))}, args.reps)[0] for m in xs}
+    whole_gemm = {m: concurrent_ms({"g": (default, gemm(m, None))}, args.reps)[0] for m in xs}
     # The serial reference is always the faster GEMM on the whole GPU (cuBLAS or this one).
     whole_cublas = {
-        m: events_ms({"g": (default, lambda m=m: [torch.matmul(xs[m], w) for _ in range(4)])},
+        m: concurrent_ms({"g": (default, lambda m=m: [torch.matmul(xs[m], w) for _ in range(4)])},
                      args.reps)[0]
         for m in xs
     }  # fmt: skip
@@ -231,7 +193,7 @@ def main(argv=None) -> dict:
             a_sms, f_sms = split.first.sm_count, split.second.sm_count
             sa, sf = split.first.stream, split.second.stream
             for cfg in configs:
-                a_ms, _ = events_ms({"a": (sa, attention(cfg, a_sms))}, args.reps)
+                a_ms, _ = concurrent_ms({"a": (sa, attention(cfg, a_sms))}, args.reps)
                 row = dict(
                     attention_sms=a_sms,
                     ffn_sms=f_sms,
@@ -240,8 +202,8 @@ def main(argv=None) -> dict:
                     attn_alone_vs_whole=best_whole / a_ms,
                 )
                 for m in xs:
-                    g_ms, _ = events_ms({"g": (sf, gemm(m, f_sms))}, args.reps)
-                    both_ms, per = events_ms(
+                    g_ms, _ = concurrent_ms({"g": (sf, gemm(m, f_sms))}, args.reps)
+                    both_ms, per = concurrent_ms(
                         {"a": (sa, attention(cfg, a_sms)), "g": (sf, gemm(m, f_sms))}, args.reps
                     )
                     serial = best_whole + min(whole_gemm[m], whole_cublas[m])

@@ -27,16 +27,14 @@ GB/s per SM of the partition.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import PagedDecodeCase, concurrent_ms, environment, write_json  # noqa: E402
 
 BULK_SOURCE = r"""
 extern "C" __global__ void bulk_read(const char* __restrict__ src, unsigned long long num_chunks,
@@ -98,19 +96,6 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="OUT")
     return p.parse_args(argv)
-
-
-def time_ms(stream: torch.cuda.Stream, fn, reps: int) -> float:
-    out = []
-    for _ in range(reps + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end))
-    return statistics.median(out[1:])
 
 
 def stream_kernel():
@@ -188,52 +173,35 @@ def paged_stream_kernel():
 
 
 def attention_case(dev, gib: float):
-    """Qwen3-8B decode attention inputs over >= ``gib`` GiB of K+V, both cache layouts."""
-    from nanovllm.kernels.triton_attention import DecodeConfig, paged_decode_attention
+    """Decode attention over >= ``gib`` GiB of K+V at the Qwen3-8B shape (batch 256, context
+    1024), in both cache layouts: run(layout, block_n, warps, stages, variant, num_sms)."""
+    from nanovllm.kernels.triton_attention import DecodeConfig
 
-    heads, kv_heads, d, bs, dtype = 32, 8, 128, 256, torch.bfloat16
-    batch, ctx = 256, 1024
-    blocks_per_seq = ctx // bs
-    calls = max(1, math.ceil(gib * 2**30 / (2 * batch * ctx * kv_heads * d * 2)))
-    num_blocks = calls * batch * blocks_per_seq
-    shapes = {
-        "nhd": ((num_blocks, bs, kv_heads, d), (0, 1, 2, 3)),
-        "hnd": ((num_blocks, kv_heads, bs, d), (0, 2, 1, 3)),
+    cases = {
+        layout: PagedDecodeCase(dev, 256, 1024, int(gib * 2**30), layout)
+        for layout in ("nhd", "hnd")
     }
-    phys = {
-        name: tuple(torch.empty(shape, dtype=dtype, device=dev) for _ in "kv") + (perm,)
-        for name, (shape, perm) in shapes.items()
-    }
-    tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(calls, batch, -1)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, heads, d, dtype=dtype, device=dev)
-    nbytes = calls * 2 * batch * ctx * kv_heads * d * 2
-
     paged_stream = paged_stream_kernel()
-    out = torch.empty(batch * kv_heads, dtype=torch.float32, device=dev)
+    d, bs = PagedDecodeCase.HEAD_DIM, PagedDecodeCase.BLOCK
+    out = torch.empty(256 * PagedDecodeCase.KV_HEADS, dtype=torch.float32, device=dev)
 
     def run(layout, block_n, warps, stages, variant, num_sms):
-        k_phys, v_phys, perm = phys[layout]
-        k = k_phys.permute(*perm)  # logical [blocks, block_size, kv_heads, head_dim]
-        v = v_phys.permute(*perm)
+        case = cases[layout]
         if variant == "loads":
-            for i in range(calls):
-                paged_stream[(batch, kv_heads)](
-                    k, v, tables[i], out, ctx, k.stride(0), k.stride(1), k.stride(2),
-                    tables[i].stride(0), BLOCK_N=block_n, HEAD_DIM=d, KV_BLOCK_SIZE=bs,
+            k, v = case.k, case.v
+            for tables in case.tables:
+                paged_stream[(case.batch, PagedDecodeCase.KV_HEADS)](
+                    k, v, tables, out, case.ctx, k.stride(0), k.stride(1), k.stride(2),
+                    tables.stride(0), BLOCK_N=block_n, HEAD_DIM=d, KV_BLOCK_SIZE=bs,
                     num_warps=warps, num_stages=stages,
                 )  # fmt: skip
             return
         cfg = DecodeConfig(
             block_n, warps, stages, tile_in_block=variant != "token", tma=variant == "tma"
         )
-        for i in range(calls):
-            paged_decode_attention(q, k, v, tables[i], lens, d**-0.5, num_sms=num_sms, config=cfg)
+        case.run(cfg, num_sms)
 
-    for k_phys, v_phys, _ in phys.values():
-        k_phys.normal_()
-        v_phys.normal_()
-    return run, nbytes
+    return run, cases["nhd"].nbytes
 
 
 def main(argv=None) -> dict:
@@ -287,7 +255,7 @@ def main(argv=None) -> dict:
             s = split.first.stream if split else torch.cuda.current_stream()
             sms = split.first.sm_count if split else total_sms
             for name, fn, b in cases(sms):
-                ms = time_ms(s, fn, args.reps)
+                ms = concurrent_ms({name: (s, fn)}, args.reps)[0]
                 gbs = b / (ms * 1e-3) / 1e9
                 rows.append(dict(sms=sms, kernel=name, ms=ms, gbs=gbs, gbs_per_sm=gbs / sms))
                 print(f"{sms:>4} SMs  {name:<22} {gbs:8.0f} GB/s  {gbs / sms:6.1f} GB/s/SM")
