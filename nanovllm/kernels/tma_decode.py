@@ -54,42 +54,56 @@ _SOURCE_PATH = Path(__file__).with_suffix(".cu")
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
-    """None when this kernel can run the call, else the reason it cannot."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (9, 0):
+    """None when this kernel can run the call, else the reason it cannot. Cached per shapes,
+    strides, dtypes and device: decode calls it on every step."""
+    return _why_not(
+        q.device,
+        q.dtype,
+        tuple(q.shape[1:]),
+        q.stride(2),
+        k_cache.dtype,
+        tuple(k_cache.shape),
+        k_cache.stride(),
+        v_cache.stride(),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _why_not(device, dtype, q_shape, q_stride_d, kv_dtype, kv_shape, k_stride, v_stride):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return "needs a CUDA GPU of compute capability 9.0 or newer (TMA)"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype:
-        return f"dtype {q.dtype} (bf16/fp16 only)"
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if dtype not in (torch.bfloat16, torch.float16) or kv_dtype != dtype:
+        return f"dtype {dtype} (bf16/fp16 only)"
+    num_heads, head_dim = q_shape
+    _, block_size, num_kv_heads, _ = kv_shape
     if head_dim != HEAD_DIM:
         return f"head_dim {head_dim} (128 only)"
     if num_heads // num_kv_heads > 8:
         return f"GQA group {num_heads // num_kv_heads} (8 at most)"
     if block_size % BLOCK_N:
         return f"KV block size {block_size} (a multiple of {BLOCK_N})"
-    layouts = {_layout(k_cache), _layout(v_cache)}
+    layouts = {_layout_of(kv_shape, k_stride), _layout_of(kv_shape, v_stride)}
     if None in layouts or len(layouts) > 1:
         return (
             "the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim] (NHD) "
             "or a view of a contiguous [num_blocks, kv_heads, block_size, head_dim] (HND)"
         )
-    if q.stride(2) != 1:
+    if q_stride_d != 1:
         return "q needs a contiguous head_dim"
     return None
 
 
 def _layout(cache: torch.Tensor) -> str | None:
+    return _layout_of(tuple(cache.shape), cache.stride())
+
+
+def _layout_of(shape: tuple, stride: tuple) -> str | None:
     """The layout ("nhd", "hnd" or None) of a logical [blocks, block_size, kv_heads, head_dim]
     cache, from its strides."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    if cache.stride() == (
-        block_size * num_kv_heads * head_dim,
-        num_kv_heads * head_dim,
-        head_dim,
-        1,
-    ):
+    _, block_size, num_kv_heads, head_dim = shape
+    if stride == (block_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1):
         return "nhd"
-    if cache.stride() == (block_size * num_kv_heads * head_dim, head_dim, block_size * head_dim, 1):
+    if stride == (block_size * num_kv_heads * head_dim, head_dim, block_size * head_dim, 1):
         return "hnd"
     return None
 

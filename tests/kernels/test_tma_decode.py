@@ -26,6 +26,28 @@ def test_supported_names_the_reason_on_cpu():
     assert "CUDA GPU" in tma_decode.supported(q, cache, cache)
 
 
+def test_supported_reasons_without_a_gpu(monkeypatch):
+    """The qualification rules, on CPU: the device check is faked to an sm_90 GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tma_decode._why_not.cache_clear()
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    nhd = (64 * 8 * 128, 8 * 128, 128, 1)
+    hnd = (64 * 8 * 128, 128, 64 * 128, 1)
+
+    def why(q_shape=(32, 128), dtype=bf16, kv_shape=(10, 64, 8, 128), k=nhd, v=nhd, q_d=1):
+        return tma_decode._why_not(gpu, dtype, q_shape, q_d, dtype, kv_shape, k, v)
+
+    assert why() is None and why(k=hnd, v=hnd) is None
+    assert "bf16/fp16" in why(dtype=torch.float32)
+    assert "head_dim 64" in why(q_shape=(32, 64), kv_shape=(10, 64, 8, 64))
+    assert "GQA group 16" in why(q_shape=(128, 128))
+    assert "block size 32" in why(kv_shape=(10, 32, 8, 128), k=(32 * 1024, 1024, 128, 1))
+    assert "NHD" in why(k=hnd)  # K and V in different layouts
+    assert "NHD" in why(k=(2 * 64 * 8 * 128, 8 * 128, 128, 1))  # every other block
+    assert "contiguous head_dim" in why(q_d=2)
+    tma_decode._why_not.cache_clear()
+
+
 def test_cuda_source_ships_with_the_package():
     source = tma_decode._SOURCE_PATH.read_text()
     assert 'extern "C" __global__' in source and "decode_tma(" in source
