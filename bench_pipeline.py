@@ -58,6 +58,7 @@ COLUMNS = [
     ("attention_sms", "attn SMs", "d"),
     ("ffn_sms", "FFN SMs", "d"),
     ("microbatches", "m", "d"),
+    ("ffn_gemm", "FFN GEMM", ""),
     ("sequential_ms", "seq ms", ".3f"),
     ("pipelined_ms", "pipe ms", ".3f"),
     ("speedup", "speedup", ".3f"),
@@ -86,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the pipeline's decode-attention kernel (Config.pipeline_attention_kernel)",
     )
     p.add_argument("--microbatches", type=int, nargs="+", help="micro-batch counts, e.g. 2 3")
+    p.add_argument(
+        "--ffn-gemm",
+        nargs="+",
+        choices=("triton", "cublas"),
+        default=["triton"],
+        help="the FFN stage's GEMMs (Config.pipeline_ffn_gemm); several: each in turn, same engine",
+    )
     add_decode_sweep_args(p, reps=20, warmup=3, reserve_gib=5.0)
     args = p.parse_args(argv)
     grid = GRIDS["quick" if args.quick else args.grid]
@@ -100,14 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_pipeline(pipe, split: tuple[int, int] | None, m: int) -> tuple[int, int]:
-    """Re-partition the SMs (unless ``split`` is None), set the micro-batch count and re-capture
+def configure_pipeline(
+    pipe, split: tuple[int, int] | None, m: int, ffn_gemm: str
+) -> tuple[int, int]:
+    """Re-partition the SMs (unless ``split`` is None), set the micro-batch count and the FFN
+    stage's GEMMs, and re-capture
     the pipelined graphs (timed below with ``pipe.graph_runner.run``, not ``pipe.run``). The
     engine was built with the largest ``m``: its per-(layer, micro-batch) events cover every
     smaller count. Returns the granted (attention, FFN) SMs."""
     if split is not None:
         pipe.adjust_sm_allocation(*split)
-    pipe.num_microbatches = m
+    pipe.num_microbatches, pipe.ffn_gemm = m, ffn_gemm
     if pipe.graph_runner is not None:
         pipe.graph_runner.reset()
         pipe.graph_runner.capture()
@@ -135,6 +146,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
         pipeline_ffn_sm_count=first[1],
         pipeline_num_microbatches=max(args.microbatches),
         pipeline_attention_kernel=args.attention_kernel,
+        pipeline_ffn_gemm=args.ffn_gemm[0],
     )
     runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
     pipe = runner.pipeline
@@ -144,15 +156,16 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
         (b, c): synthetic_decode_inputs(b, c, num_blocks, hf.vocab_size, device) for b, c in fit
     }
     current = first  # the split the engine was built with
-    configs = [(s, m) for s in args.splits for m in args.microbatches] if pipe.active else [None]
+    configs = [(s, m, g) for s in args.splits for m in args.microbatches for g in args.ffn_gemm]
+    configs = configs if pipe.active else [None]
     with torch.inference_mode():
         for config in configs:
             row0 = dict(shape=name)
             if config is not None:
-                (a, f), m = config
+                (a, f), m, gemm = config
                 try:
                     got_a, got_f = configure_pipeline(
-                        pipe, None if current == (a, f) else (a, f), m
+                        pipe, None if current == (a, f) else (a, f), m, gemm
                     )
                     current = (a, f)
                 except (ValueError, RuntimeError) as e:  # e.g. a split this card cannot make
@@ -161,7 +174,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
                     continue
                 row0.update(requested_split=[a, f], attention_sms=got_a, ffn_sms=got_f)
                 row0["attention_kernel"] = "tma" if pipe.attention_tma else "triton"
-                row0["microbatches"] = m
+                row0["microbatches"], row0["ffn_gemm"] = m, gemm
             for (b, c), inp in inputs.items():
                 fns = {"sequential": decode_step_fn(runner, inp)}
                 if config is not None:

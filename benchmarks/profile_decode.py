@@ -38,7 +38,7 @@ CATEGORIES = (
     ("attention", ("_decode_split", "_decode_merge")),
     ("kv store", ("_store_kvcache",)),
     ("fused element-wise", ("triton_",)),
-    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "xmma")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "xmma", "_persistent_mm")),
 )
 
 
@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--points", nargs="+", default=["256x512", "1024x256"], help="BATCHxCTX")
     p.add_argument("--attention-sms", type=int, default=40)
     p.add_argument("--ffn-sms", type=int, default=92)
+    p.add_argument("--attention-kernel", choices=("triton", "tma"), default="triton")
+    p.add_argument("--ffn-gemm", choices=("triton", "cublas"), default="triton")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--reps", type=int, default=10)
     add_common_args(p)
@@ -92,6 +94,8 @@ def main() -> None:
         pipeline_enable_profiling=True,
         pipeline_attention_sm_count=args.attention_sms,
         pipeline_ffn_sm_count=args.ffn_sms,
+        pipeline_attention_kernel=args.attention_kernel,
+        pipeline_ffn_gemm=args.ffn_gemm,
     )
     runner = llm.model_runner
     pipe = runner.pipeline
@@ -114,6 +118,9 @@ def main() -> None:
             device=device,
         )
         eager = kernel_breakdown(lambda x=inputs: runner.model(x.input_ids, x.positions, x.meta))
+        # The same kernels issued by the pipelined step (eagerly, both partitions busy): how
+        # long each category runs next to the other stage.
+        piped = kernel_breakdown(lambda x=inputs: pipe.step(x.input_ids, x.positions, x.meta))
         pipe.stats = type(pipe.stats)(profiling=True)  # stage timings of this point only
         for _ in range(args.reps):
             pipe.run(inputs)
@@ -125,6 +132,7 @@ def main() -> None:
             "pipelined_graph_ms": times["pipelined"],
             "eager_kernel_ms": eager,
             "eager_kernel_total_ms": sum(eager.values()),
+            "pipelined_kernel_ms": piped,
             "pipeline": {
                 k: stats.get(k)
                 for k in (
@@ -145,6 +153,10 @@ def main() -> None:
         print(
             "  kernels of one sequential step (full GPU, ms): "
             + ", ".join(f"{k} {v:.3f}" for k, v in sorted(eager.items(), key=lambda kv: -kv[1]))
+        )
+        print(
+            "  kernels of one pipelined step (on the partitions, ms): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(piped.items(), key=lambda kv: -kv[1]))
         )
         print(
             f"  sum of kernels {row['eager_kernel_total_ms']:.3f} ms -> idle in the graph "

@@ -35,6 +35,7 @@ class Config:
     pipeline_num_microbatches: int = 2
     pipeline_policy: str = "auto"
     pipeline_attention_kernel: str = "triton"
+    pipeline_ffn_gemm: str = "triton"
 
     def __post_init__(self):
         def bad(name, fix):
@@ -106,6 +107,12 @@ class Config:
                 "pipeline_attention_kernel",
                 'use "triton" or "tma" (the copy-engine kernel on the attention partition, where '
                 "the GPU and the model's shapes allow it)",
+            )
+        if self.pipeline_ffn_gemm not in ("triton", "cublas"):
+            bad(
+                "pipeline_ffn_gemm",
+                'use "triton" (a persistent GEMM with one program per SM of the FFN partition) or '
+                '"cublas" (cuBLAS told the partition\'s SM count)',
             )
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:

@@ -25,6 +25,7 @@ def test_defaults(tiny_model):
     assert c.pipeline_attention_sm_count is None and c.pipeline_ffn_sm_count is None
     assert c.pipeline_num_microbatches == 2 and c.pipeline_enable_profiling is False
     assert c.pipeline_policy == "auto" and c.pipeline_attention_kernel == "triton"
+    assert c.pipeline_ffn_gemm == "triton"
 
 
 def test_valid_non_defaults(tiny_model):
@@ -40,6 +41,7 @@ def test_valid_non_defaults(tiny_model):
         pipeline_attention_sm_count=16,
         pipeline_ffn_sm_count=116,
         pipeline_num_microbatches=4,
+        pipeline_ffn_gemm="cublas",
     )
     assert c.num_kvcache_blocks == 3 and c.pipeline_ffn_sm_count == 116
 
@@ -47,6 +49,7 @@ def test_valid_non_defaults(tiny_model):
 INVALID = [
     ("pipeline_policy", "sometimes"),
     ("pipeline_attention_kernel", "auto"),
+    ("pipeline_ffn_gemm", "cutlass"),
     ("max_num_batched_tokens", 0),
     ("max_num_batched_tokens", -1),
     ("max_num_batched_tokens", 1.5),

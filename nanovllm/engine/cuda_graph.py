@@ -61,11 +61,23 @@ class DecodeBuffers:
 
 
 class DecodeGraphRunner:
-    def __init__(self, fn: StepFn, buffers: DecodeBuffers, max_num_seqs: int, name: str):
+    """``buckets``: the batch buckets to capture (default: all of ``graph_buckets``; a subset
+    must only be asked for its own buckets). ``pool``: a memory pool to share with graphs that
+    are never replayed at the same time."""
+
+    def __init__(
+        self,
+        fn: StepFn,
+        buffers: DecodeBuffers,
+        max_num_seqs: int,
+        name: str,
+        buckets: list[int] | None = None,
+        pool=None,
+    ):
         self.fn, self.buffers, self.name = fn, buffers, name
-        self.buckets = graph_buckets(max_num_seqs)
+        self.buckets = sorted(buckets) if buckets else graph_buckets(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        self.pool = self.shared_pool = pool
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -91,7 +103,7 @@ class DecodeGraphRunner:
 
     def reset(self) -> None:
         self.graphs.clear()
-        self.pool = None
+        self.pool = self.shared_pool
 
     def run(self, inputs: ModelInputs) -> torch.Tensor:
         n = inputs.input_ids.shape[0]

@@ -9,10 +9,7 @@ and pipelines a bucket only where that is measurably faster. Synthetic steps wri
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import statistics
 from collections.abc import Callable
 
@@ -21,6 +18,7 @@ import torch
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.engine.cuda_graph import graph_buckets
 from nanovllm.engine.model_inputs import ModelInputs
+from nanovllm.engine.pipeline_cache import cache_key, load_cached, store_cached
 
 logger = logging.getLogger(__name__)
 
@@ -78,81 +76,81 @@ def measure(
     return statistics.median(seq), statistics.median(pipe)
 
 
-def cache_key(runner, attention_sms: int, ffn_sms: int, num_microbatches: int, context: int):
-    hf, cfg = runner.runtime.hf_config, runner.config
-    parts = [
-        torch.cuda.get_device_name(runner.device),
-        torch.__version__,
-        runner.backend.name,
-        str(runner.dtype),
-        *(
-            str(getattr(hf, k, None))
-            for k in (
-                "num_hidden_layers",
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-            )
-        ),
-        f"sms={attention_sms},{ffn_sms}",
-        f"m={num_microbatches}",
-        f"ctx={context}",
-        f"graphs={runner.graph_runner is not None}",
-        f"max_num_seqs={cfg.max_num_seqs}",
-        f"attention_kernel={cfg.pipeline_attention_kernel}",
-    ]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], parts
-
-
-def cache_path() -> str:
-    root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(root, "nanovllm", "pipeline_calibration.json")
-
-
-def load_cached(key: str) -> dict | None:
-    try:
-        with open(cache_path()) as f:
-            entry = json.load(f).get(key)
-    except (OSError, ValueError):
-        return None
-    return {int(b): v for b, v in entry["buckets"].items()} if entry else None
-
-
-def store_cached(key: str, parts: list[str], buckets: dict[int, dict]) -> None:
-    path = cache_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, ValueError):
-        table = {}
-    table[key] = {"describes": parts, "buckets": {str(b): v for b, v in buckets.items()}}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(tmp, path)
-
-
 class PipelinePolicy:
-    """Maps a batch bucket to "pipelined" or "sequential". ``searched``: every split the
-    calibration tried, ``"attention/ffn"`` -> its per-bucket measurements."""
+    """Maps a batch bucket to "pipelined" or "sequential" and a pipelined bucket to its split.
+
+    ``measured``: calibrated bucket -> {"mode", "sequential_ms", "pipelined_ms", "split"}, the
+    timings of the split ("attention/ffn") the bucket runs on; other buckets follow the nearest
+    smaller calibrated one. ``searched``: every split the calibration tried -> its per-bucket
+    measurements."""
 
     def __init__(self, measured: dict[int, dict], searched: dict[str, dict] | None = None):
         self.measured = dict(sorted(measured.items()))
         self.searched = searched or {}
 
-    def mode(self, bucket: int) -> str:
+    def _entry(self, bucket: int) -> dict | None:
         below = [b for b in self.measured if b <= bucket]
-        return self.measured[below[-1]]["mode"] if below else "sequential"
+        return self.measured[below[-1]] if below else None
+
+    def mode(self, bucket: int) -> str:
+        entry = self._entry(bucket)
+        return entry["mode"] if entry else "sequential"
 
     def modes(self, buckets: list[int]) -> dict[int, str]:
         return {b: self.mode(b) for b in buckets}
 
+    def split(self, bucket: int) -> tuple[int, int] | None:
+        """(attention SMs, FFN SMs) of a pipelined bucket; None for a sequential one."""
+        entry = self._entry(bucket)
+        if entry is None or entry["mode"] != "pipelined":
+            return None
+        attention, ffn = entry["split"].split("/")
+        return int(attention), int(ffn)
 
-def use_tma_attention(pipe) -> bool:
-    """Whether the attention stage runs decode attention on the copy-engine kernel: asked for
+    def fall_back(self, split: tuple[int, int], primary: tuple[int, int]) -> None:
+        """The buckets assigned to ``split`` take ``primary``'s own timings and decision (when
+        ``split``'s green contexts cannot be created)."""
+        name, primary_name = split_name(split), split_name(primary)
+        for bucket, entry in self.measured.items():
+            if entry["mode"] == "pipelined" and entry["split"] == name:
+                self.measured[bucket] = {
+                    **self.searched[primary_name][bucket],
+                    "split": primary_name,
+                }
+
+
+def split_name(split: tuple[int, int]) -> str:
+    return f"{split[0]}/{split[1]}"
+
+
+def with_split(measured: dict[int, dict], split: tuple[int, int]) -> dict[int, dict]:
+    return {b: {**v, "split": split_name(split)} for b, v in measured.items()}
+
+
+def assign_buckets(
+    results: dict[tuple[int, int], dict[int, dict]], primary: tuple[int, int]
+) -> dict[int, dict]:
+    """Per calibrated bucket, the split to pipeline it on: ``primary`` when it pipelines the
+    bucket and no other split is faster by more than the margin, else the fastest split that
+    pipelines it; sequential, with ``primary``'s timings, where no split does."""
+    out = {}
+    for bucket in results[primary]:
+        best = primary
+        for split, measured in results.items():
+            entry, current = measured.get(bucket), results[best][bucket]
+            if entry is None or entry["mode"] != "pipelined":
+                continue
+            if current["mode"] != "pipelined" or entry["pipelined_ms"] < current["pipelined_ms"] * (
+                1 - MARGIN
+            ):
+                best = split
+        out[bucket] = {**results[best][bucket], "split": split_name(best)}
+    return out
+
+
+def use_tma_attention(pipe, green=None) -> bool:
+    """Whether the attention stage on ``green``'s partition (default: the pipeline's current
+    one) runs decode attention on the copy-engine kernel: asked for
     with ``pipeline_attention_kernel="tma"`` and possible for the backend, GPU and model shapes.
     Logged once per partition size.
 
@@ -160,7 +158,7 @@ def use_tma_attention(pipe) -> bool:
     Triton kernel (benchmarks/sm_bandwidth.py), but inside the pipeline, next to the FFN stage,
     it measured no faster and once 8% slower (bench_pipeline.py, PIPELINE_README.md)."""
     choice = pipe.runner.config.pipeline_attention_kernel
-    sms = pipe.green.attention_sms
+    sms = (green or pipe.green).attention_sms
     if choice == "triton":
         why = 'pipeline_attention_kernel="triton"'
     elif pipe.runner.backend.name != "triton":
@@ -247,8 +245,9 @@ def calibrate(pipe) -> PipelinePolicy:
     """Time ``pipe``'s sequential and pipelined steps per bucket on its current split, or load
     the cached result."""
     measured, source, context = _measure_split(pipe)
-    policy = PipelinePolicy(measured)
-    _log_policy(policy, source, context, f"{pipe.green.attention_sms}/{pipe.green.ffn_sms}")
+    split = (pipe.green.attention_sms, pipe.green.ffn_sms)
+    policy = PipelinePolicy(with_split(measured, split))
+    _log_policy(policy, source, context, split_name(split))
     return policy
 
 
@@ -278,12 +277,18 @@ def search_split(pipe) -> PipelinePolicy:
     best = choose_split(results, default)
     if best != (g.attention_sms, g.ffn_sms):
         pipe.repartition(*best)
-    searched = {f"{a}/{f}": m for (a, f), m in results.items()}
-    policy = PipelinePolicy(results[best], searched)
+    searched = {split_name(split): m for split, m in results.items()}
+    policy = PipelinePolicy(assign_buckets(results, best), searched)
+    elsewhere = {
+        b: v["split"]
+        for b, v in policy.measured.items()
+        if v["mode"] == "pipelined" and v["split"] != split_name(best)
+    }
     logger.info(
-        "pipeline split search: step time saved per split %s; keeping %d/%d",
+        "pipeline split search: step time saved per split %s; keeping %d/%d%s",
         {name: round(saved_ms(m), 3) for name, m in searched.items()},
         *best,
+        f", buckets on their own split: {elsewhere}" if elsewhere else "",
     )
-    _log_policy(policy, "/".join(sorted(sources)), context, f"{best[0]}/{best[1]}")
+    _log_policy(policy, "/".join(sorted(sources)), context, split_name(best))
     return policy

@@ -23,15 +23,18 @@ CUDA graph per batch bucket; kernels keep their green partition on replay.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 
 import torch
 
 from nanovllm.engine import pipeline_policy as policy_lib
+from nanovllm.engine.bucket_splits import BucketSplits
 from nanovllm.engine.cuda_graph import DecodeGraphRunner
 from nanovllm.engine.model_inputs import ModelInputs
-from nanovllm.engine.pipeline_stats import PipelineStats, StageTimers, format_table
+from nanovllm.engine.pipeline_stats import PipelineStats, StageTimers, describe, format_table
+from nanovllm.layers.linear import BOUNDED_MIN_ROWS, bounded_gemms
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +74,12 @@ class PipelineScheduler:
         self.runner, self.model = runner, runner.model
         cfg = runner.config
         self.num_microbatches = cfg.pipeline_num_microbatches
+        self.ffn_gemm = cfg.pipeline_ffn_gemm
         self.mode, self.reason, self.green = mode, reason, green
         self.active = mode == "green"
         self.stats = PipelineStats(cfg.pipeline_enable_profiling and self.active)
         self.graph_runner: DecodeGraphRunner | None = None
+        self.bucket_splits = BucketSplits(self)
         self.policy_mode = cfg.pipeline_policy
         self.policy: policy_lib.PipelinePolicy | None = None
         # Automatic counts: the first calibration also chooses the split (never after a
@@ -101,6 +106,12 @@ class PipelineScheduler:
         self.timers: dict[int, StageTimers] = {}
         self.logged_kernel_choice: set[int] = set()
         self.attention_tma = policy_lib.use_tma_attention(self)
+        if self.ffn_gemm == "triton":
+            logger.info(
+                "decode pipeline: FFN-stage GEMMs of %d rows or more on a persistent Triton GEMM "
+                "with one program per FFN-partition SM where it supports them, cuBLAS elsewhere",
+                BOUNDED_MIN_ROWS,
+            )
         self._graph_generation = green.generation
         green.on_repartition(self._on_repartition)
         if runner.graph_runner is not None:
@@ -144,12 +155,18 @@ class PipelineScheduler:
         return cls(runner, "sequential", why)
 
     # ------------------------------------------------------------------ the step
-    def step(self, input_ids, positions, meta) -> torch.Tensor:
-        """One pipelined decode step: input_ids/positions [bs] -> final hidden [bs, hidden]."""
+    def step(
+        self, input_ids, positions, meta, green=None, attention_tma: bool | None = None
+    ) -> torch.Tensor:
+        """One pipelined decode step: input_ids/positions [bs] -> final hidden [bs, hidden].
+        ``green``: the split to run on (default: the current one) and ``attention_tma`` the
+        attention kernel chosen for its partition."""
         bs = input_ids.shape[0]
         bounds = microbatch_bounds(bs, self.num_microbatches)
         model, num_layers = self.model, self.model.num_layers
-        attn_stream, ffn_stream = self.green.attention_stream, self.green.ffn_stream
+        if green is None:
+            green, attention_tma = self.green, self.attention_tma
+        attn_stream, ffn_stream = green.attention_stream, green.ffn_stream
         # Streams are None only when a test emulates the schedule serially on the CPU.
         main = torch.cuda.current_stream() if ffn_stream is not None else None
         timers = None
@@ -161,13 +178,11 @@ class PipelineScheduler:
         _wait(attn_stream, self.ready)
         _wait(ffn_stream, self.ready)
         # The attention stage's kernel is the one chosen for its partition.
-        metas = [
-            replace(meta.decode_slice(lo, hi), decode_tma=self.attention_tma) for lo, hi in bounds
-        ]
+        metas = [replace(meta.decode_slice(lo, hi), decode_tma=attention_tma) for lo, hi in bounds]
         residual: list[torch.Tensor | None] = [None] * len(bounds)
         for layer in range(num_layers + 1):
             for i, (lo, hi) in enumerate(bounds):
-                with torch.cuda.stream(ffn_stream), self.green.cublas_sm_budget("ffn"):
+                with torch.cuda.stream(ffn_stream), self._ffn_gemms(green):
                     if layer > 0:
                         _wait(ffn_stream, self.attn_done[layer - 1][i])
                     if timers:
@@ -215,7 +230,11 @@ class PipelineScheduler:
         if n < 2 or self.bucket_mode(bucket) == "sequential":
             self.stats.sequential_steps += 1
             return self._sequential(inputs)
-        hidden = self._pipelined(inputs)
+        split = self.policy.split(bucket) if self.policy is not None else None
+        if self.bucket_splits.has(split):
+            hidden = self.bucket_splits.run(split, inputs)
+        else:
+            hidden = self._pipelined(inputs)
         self.stats.record(n, self.timers.get(bucket))
         return hidden
 
@@ -229,6 +248,14 @@ class PipelineScheduler:
             return self.graph_runner.run(inputs)
         return self.step(inputs.input_ids, inputs.positions, inputs.meta)
 
+    @contextlib.contextmanager
+    def _ffn_gemms(self, green):
+        """The FFN stage's GEMM budget on ``green``'s FFN partition: cuBLAS told its SM count and,
+        with ``pipeline_ffn_gemm="triton"``, large GEMMs on one program per SM."""
+        bound = green.ffn_sms if self.ffn_gemm == "triton" else None
+        with green.cublas_sm_budget("ffn"), bounded_gemms(bound):
+            yield
+
     def _sequential(self, inputs: ModelInputs) -> torch.Tensor:
         return self.runner.run_sequential_decode(inputs)
 
@@ -238,7 +265,11 @@ class PipelineScheduler:
         profiling, self.stats.profiling = self.stats.profiling, False  # no stage timers
         search, self._search_split = self._search_split, False
         try:
-            return policy_lib.search_split(self) if search else policy_lib.calibrate(self)
+            if not search:
+                return policy_lib.calibrate(self)
+            policy = policy_lib.search_split(self)
+            self.bucket_splits.open(policy)
+            return policy
         finally:
             self.stats.profiling = profiling
 
@@ -271,6 +302,7 @@ class PipelineScheduler:
         return attn, ffn
 
     def _on_repartition(self, green) -> None:
+        self.bucket_splits.close()
         if self.graph_runner is not None:
             torch.cuda.synchronize()
             self.graph_runner.reset()  # graphs hold nodes of the old partitions' streams
@@ -278,35 +310,13 @@ class PipelineScheduler:
         self.attention_tma = policy_lib.use_tma_attention(self)
 
     def statistics(self) -> dict:
-        g = self.green
-        stats = {
-            "enabled": self.active,
-            "mode": "pipelined" if self.active else self.mode,
-            "reason": self.reason,
-            "attention_sms": g.attention_sms if self.active else 0,
-            "ffn_sms": g.ffn_sms if self.active else 0,
-            "total_sms": g.total_sms if self.active else 0,
-            "num_microbatches": self.num_microbatches,
-            "cuda_graphs": self.graph_runner is not None,
-            "policy": self.policy_mode,
-        }
-        if self.policy is not None:
-            stats["buckets"] = {b: v["mode"] for b, v in self.policy.measured.items()}
-            stats["calibration_ms"] = {
-                b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in self.policy.measured.items()
-            }
-            if self.policy.searched:
-                stats["split_search_ms"] = {
-                    split: {b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in m.items()}
-                    for split, m in self.policy.searched.items()
-                }
-        stats.update(self.stats.as_dict())
-        return stats
+        return describe(self)
 
     def print_statistics(self) -> None:
         print(format_table(self.statistics()))
 
     def close(self) -> None:
+        self.bucket_splits.close()
         if self.graph_runner is not None:
             torch.cuda.synchronize()
             self.graph_runner.reset()

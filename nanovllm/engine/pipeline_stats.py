@@ -95,6 +95,39 @@ class PipelineStats:
         return out
 
 
+def describe(pipe) -> dict:
+    """``get_pipeline_statistics()`` of a PipelineScheduler: its mode and split, the policy's
+    choice per calibrated bucket (and the split it runs on), and the step counters."""
+    g, policy = pipe.green, pipe.policy
+    stats = {
+        "enabled": pipe.active,
+        "mode": "pipelined" if pipe.active else pipe.mode,
+        "reason": pipe.reason,
+        "attention_sms": g.attention_sms if pipe.active else 0,
+        "ffn_sms": g.ffn_sms if pipe.active else 0,
+        "total_sms": g.total_sms if pipe.active else 0,
+        "num_microbatches": pipe.num_microbatches,
+        "cuda_graphs": pipe.graph_runner is not None,
+        "policy": pipe.policy_mode,
+    }
+    if policy is not None:
+        measured = policy.measured
+        stats["buckets"] = {b: v["mode"] for b, v in measured.items()}
+        stats["bucket_splits"] = {
+            b: v["split"] for b, v in measured.items() if v["mode"] == "pipelined"
+        }
+        stats["calibration_ms"] = {
+            b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in measured.items()
+        }
+        if policy.searched:
+            stats["split_search_ms"] = {
+                split: {b: (v["sequential_ms"], v["pipelined_ms"]) for b, v in m.items()}
+                for split, m in policy.searched.items()
+            }
+    stats.update(pipe.stats.as_dict())
+    return stats
+
+
 def format_table(stats: dict) -> str:
     lines = ["Pipeline statistics", "-" * 52]
     keys = (
@@ -116,6 +149,9 @@ def format_table(stats: dict) -> str:
     if "buckets" in stats:
         modes = ", ".join(f"{bs}:{m}" for bs, m in sorted(stats["buckets"].items()))
         lines.append(f"{'bucket modes':<20}{modes}")
+    if stats.get("bucket_splits"):
+        splits = ", ".join(f"{bs}:{s}" for bs, s in sorted(stats["bucket_splits"].items()))
+        lines.append(f"{'bucket splits':<20}{splits}")
     if "step_ms" in stats:
         lines.append(f"{'(ms)':<20}{'mean':>10}{'p50':>10}{'p99':>10}")
         for key, label in (

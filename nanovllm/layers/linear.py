@@ -1,7 +1,16 @@
 """Tensor-parallel linear layers. Each parameter carries a ``weight_loader`` that copies its shard
-out of a full Hugging Face tensor, so the loader stays model-agnostic."""
+out of a full Hugging Face tensor, so the loader stays model-agnostic.
+
+Inside ``bounded_gemms(num_sms)`` (the decode pipeline's FFN stage on its partition) the matmuls
+of at least ``BOUNDED_MIN_ROWS`` rows run on a persistent Triton GEMM of ``num_sms`` programs
+where it supports the operands (``kernels/triton_gemm.py``), cuBLAS elsewhere.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +25,33 @@ def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
             f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the model expects "
             f"{tuple(param.shape)}: the checkpoint does not match its config.json"
         )
+
+
+# Below a few hundred rows the GEMMs are bound by reading the weights, and a grid of one program
+# per output tile (N / 256 of them for 512 rows) would read them with too few SMs: cuBLAS there.
+BOUNDED_MIN_ROWS = 256
+_gemm_sms: ContextVar[int | None] = ContextVar("nanovllm_gemm_sms", default=None)
+
+
+@contextlib.contextmanager
+def bounded_gemms(num_sms: int | None) -> Iterator[None]:
+    """Within the block, linear layers run at most ``num_sms`` GEMM programs (None: no bound).
+    Applies to the kernels issued (or captured into a CUDA graph) inside it."""
+    token = _gemm_sms.set(num_sms)
+    try:
+        yield
+    finally:
+        _gemm_sms.reset(token)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    num_sms = _gemm_sms.get()
+    if num_sms is not None and bias is None and x.dim() == 2 and x.shape[0] >= BOUNDED_MIN_ROWS:
+        from nanovllm.kernels import triton_gemm
+
+        if triton_gemm.supported(x, weight) is None:
+            return triton_gemm.linear(x, weight, num_sms)
+    return F.linear(x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -39,7 +75,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -98,7 +134,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(input_size // tp_world_size(), output_size, bias, tp_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.tp_size > 1:
             y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

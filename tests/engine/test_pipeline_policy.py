@@ -1,10 +1,11 @@
-"""The pipelining policy's pure parts: decisions, bucket mapping, the disk cache."""
+"""The pipelining policy's pure parts: decisions, bucket mapping, the split search."""
 
 import json
 from types import SimpleNamespace
 
 import torch
 
+from nanovllm.engine import pipeline_cache
 from nanovllm.engine import pipeline_policy as pp
 
 
@@ -12,6 +13,41 @@ def test_decide_needs_a_clear_win():
     assert pp.decide(10.0, 9.0) == "pipelined"
     assert pp.decide(10.0, 9.9) == "sequential"  # within the noise margin
     assert pp.decide(10.0, 12.0) == "sequential"
+
+
+def test_policy_names_the_split_of_each_pipelined_bucket():
+    policy = pp.PipelinePolicy(
+        {
+            2: {"mode": "sequential", "split": "40/92"},
+            8: {"mode": "pipelined", "split": "24/108", "pipelined_ms": 1.0},
+            64: {"mode": "pipelined", "split": "40/92", "pipelined_ms": 2.0},
+        },
+        searched={"40/92": {8: {"mode": "sequential", "pipelined_ms": 3.0}}},
+    )
+    assert policy.split(1) is None and policy.split(4) is None  # sequential buckets
+    assert policy.split(8) == policy.split(48) == (24, 108)
+    assert policy.split(64) == policy.split(512) == (40, 92)
+    # 24/108 cannot be opened: its buckets take 40/92's own measurement and decision
+    policy.fall_back((24, 108), (40, 92))
+    assert policy.mode(8) == "sequential" and policy.split(8) is None
+    assert policy.measured[8] == {"mode": "sequential", "pipelined_ms": 3.0, "split": "40/92"}
+    assert policy.split(64) == (40, 92)
+
+
+def test_assign_buckets_moves_a_bucket_only_for_a_clear_win():
+    results = {
+        (40, 92): timings(b2=(1.0, 1.5), b8=(10.0, 8.0), b64=(20.0, 15.0), b128=(30.0, 29.0)),
+        (24, 108): timings(b2=(1.0, 0.9), b8=(10.0, 7.9), b64=(20.0, 12.0), b128=(30.0, 31.0)),
+        (64, 68): timings(b2=(1.0, 0.8), b8=(10.0, 9.0), b64=(20.0, 13.0), b128=(30.0, 28.6)),
+    }
+    out = pp.assign_buckets(results, (40, 92))
+    assert out[2] == {**results[(64, 68)][2], "split": "64/68"}  # 40/92 does not pipeline it
+    assert out[8]["split"] == "40/92"  # 7.9 vs 8.0: within the margin, stays
+    assert out[64]["split"] == "24/108" and out[64]["pipelined_ms"] == 12.0
+    assert out[128] == {**results[(40, 92)][128], "split": "40/92"}  # 28.6: within the margin
+    assert out[128]["mode"] == "pipelined"
+    nothing = {s: timings(b2=(1.0, 1.5)) for s in results}
+    assert pp.assign_buckets(nothing, (40, 92))[2]["mode"] == "sequential"
 
 
 def test_calibration_buckets_are_powers_of_two_and_the_largest():
@@ -27,15 +63,6 @@ def test_policy_maps_each_bucket_to_the_nearest_smaller_calibrated_one():
     assert policy.mode(48) == "sequential"
     assert policy.mode(64) == policy.mode(200) == "pipelined"
     assert policy.mode(512) == "sequential"
-
-
-def test_cache_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
-    assert pp.load_cached("k") is None
-    buckets = {8: {"mode": "pipelined", "sequential_ms": 2.0, "pipelined_ms": 1.5}}
-    pp.store_cached("k", ["H100", "8b"], buckets)
-    pp.store_cached("other", ["H100", "0.6b"], {2: {"mode": "sequential"}})
-    assert pp.load_cached("k") == buckets
 
 
 def test_synthetic_decode_writes_nothing_and_wraps_blocks():
@@ -106,7 +133,8 @@ class FakePipe:
         return 10.0
 
     def _pipelined(self, inputs):
-        return self.pipelined_ms[self.green.attention_sms]
+        ms = self.pipelined_ms[self.green.attention_sms]  # one figure, or one per bucket
+        return ms[len(inputs.input_ids)] if isinstance(ms, dict) else ms
 
 
 def search(monkeypatch, tmp_path, pipelined_ms):
@@ -147,12 +175,24 @@ def test_search_split_stays_on_the_default_when_nothing_wins(monkeypatch, tmp_pa
     assert policy2.mode(8) == "sequential" and policy2.searched == policy.searched
 
 
+def test_search_split_gives_a_bucket_its_own_split(monkeypatch, tmp_path):
+    # calibrated buckets 2, 4, 8: 24/108 saves the most overall, 64/68 is fastest at bucket 2
+    pipe, policy = search(
+        monkeypatch,
+        tmp_path,
+        {24: {2: 11.0, 4: 8.0, 8: 7.0}, 40: 10.5, 64: {2: 6.0, 4: 11.0, 8: 11.0}},
+    )
+    assert (pipe.green.attention_sms, pipe.green.ffn_sms) == (24, 108)
+    assert policy.split(2) == (64, 68) and policy.measured[2]["pipelined_ms"] == 6.0
+    assert policy.split(4) == policy.split(8) == (24, 108)
+
+
 def test_search_split_measures_only_what_the_cache_lacks(monkeypatch, tmp_path):
     search(monkeypatch, tmp_path, {24: 11.0, 40: 10.0, 64: 12.0})
-    with open(pp.cache_path()) as f:
+    with open(pipeline_cache.cache_path()) as f:
         table = json.load(f)
     del table["64-68"]  # one split never measured on this card
-    with open(pp.cache_path(), "w") as f:
+    with open(pipeline_cache.cache_path(), "w") as f:
         json.dump(table, f)
     pipe, policy = search(monkeypatch, tmp_path, {24: 11.0, 40: 10.0, 64: 8.0})
     # 40 and 24 come from the cache; 64 is measured (and now wins)
@@ -193,27 +233,3 @@ def test_tma_attention_choice(monkeypatch, caplog):
     pp.use_tma_attention(pipe)
     pp.use_tma_attention(pipe)
     assert pipe.logged_kernel_choice == {24}  # logged once per partition size
-
-
-def test_cache_key_names_what_changes_the_timings(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
-    from nanovllm.utils.default_model import SHAPES
-
-    hf = SimpleNamespace(**SHAPES["8b"])
-
-    def runner(kernel):
-        return SimpleNamespace(
-            runtime=SimpleNamespace(hf_config=hf),
-            config=SimpleNamespace(max_num_seqs=256, pipeline_attention_kernel=kernel),
-            backend=SimpleNamespace(name="triton"),
-            dtype=torch.bfloat16,
-            device=torch.device("cpu"),
-            graph_runner=object(),
-        )
-
-    key, parts = pp.cache_key(runner("triton"), 40, 92, 2, 1024)
-    assert key == pp.cache_key(runner("triton"), 40, 92, 2, 1024)[0]
-    assert "sms=40,92" in parts and "attention_kernel=triton" in parts
-    assert key != pp.cache_key(runner("tma"), 40, 92, 2, 1024)[0]
-    assert key != pp.cache_key(runner("triton"), 24, 108, 2, 1024)[0]
-    assert key != pp.cache_key(runner("triton"), 40, 92, 3, 1024)[0]
