@@ -7,7 +7,7 @@ import torch
 
 from conftest import mixed_prompts
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.pipeline_scheduler import microbatch_bounds
+from nanovllm.engine.microbatch import microbatch_bounds
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

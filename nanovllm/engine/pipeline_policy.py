@@ -140,9 +140,8 @@ def assign_buckets(
             entry, current = measured.get(bucket), results[best][bucket]
             if entry is None or entry["mode"] != "pipelined":
                 continue
-            if current["mode"] != "pipelined" or entry["pipelined_ms"] < current["pipelined_ms"] * (
-                1 - MARGIN
-            ):
+            limit = current["pipelined_ms"] * (1 - MARGIN)
+            if current["mode"] != "pipelined" or entry["pipelined_ms"] < limit:
                 best = split
         out[bucket] = {**results[best][bucket], "split": split_name(best)}
     return out

@@ -32,41 +32,12 @@ import torch
 from nanovllm.engine import pipeline_policy as policy_lib
 from nanovllm.engine.bucket_splits import BucketSplits
 from nanovllm.engine.cuda_graph import DecodeGraphRunner
+from nanovllm.engine.microbatch import event, microbatch_bounds, wait
 from nanovllm.engine.model_inputs import ModelInputs
 from nanovllm.engine.pipeline_stats import PipelineStats, StageTimers, describe, format_table
 from nanovllm.layers.linear import BOUNDED_MIN_ROWS, bounded_gemms
 
 logger = logging.getLogger(__name__)
-
-
-class _NoEvent:
-    """Stands in for CUDA events when the schedule is emulated serially (CPU tests)."""
-
-    def record(self, stream=None) -> None:
-        pass
-
-
-def _event(device: torch.device):
-    return torch.cuda.Event() if device.type == "cuda" else _NoEvent()
-
-
-def _wait(stream, event) -> None:
-    if stream is not None:
-        stream.wait_event(event)
-
-
-def microbatch_bounds(num_rows: int, num_microbatches: int) -> list[tuple[int, int]]:
-    """Row ranges of the micro-batches: near-equal, multiples of 8 rows when there are enough
-    (GEMM tiles), never empty."""
-    m = max(1, min(num_microbatches, num_rows))
-    unit = 8 if num_rows >= 8 * m else 1
-    units = -(-num_rows // unit)
-    bounds, lo = [], 0
-    for i in range(m):
-        hi = min(num_rows, lo + unit * (units // m + (i < units % m)))
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
 
 
 class PipelineScheduler:
@@ -100,9 +71,9 @@ class PipelineScheduler:
         self.out = torch.zeros(rows, hf.hidden_size, **kw)
         L, m = self.model.num_layers, self.num_microbatches
         dev = runner.device
-        self.ffn_done = [[_event(dev) for _ in range(m)] for _ in range(L)]
-        self.attn_done = [[_event(dev) for _ in range(m)] for _ in range(L)]
-        self.ready, self.finished = _event(dev), _event(dev)
+        self.ffn_done = [[event(dev) for _ in range(m)] for _ in range(L)]
+        self.attn_done = [[event(dev) for _ in range(m)] for _ in range(L)]
+        self.ready, self.finished = event(dev), event(dev)
         self.timers: dict[int, StageTimers] = {}
         self.logged_kernel_choice: set[int] = set()
         self.attention_tma = policy_lib.use_tma_attention(self)
@@ -175,8 +146,8 @@ class PipelineScheduler:
             timers.step[0].record(main)
         # Both partitions start after the inputs were written on the launching stream.
         self.ready.record(main)
-        _wait(attn_stream, self.ready)
-        _wait(ffn_stream, self.ready)
+        wait(attn_stream, self.ready)
+        wait(ffn_stream, self.ready)
         # The attention stage's kernel is the one chosen for its partition.
         metas = [replace(meta.decode_slice(lo, hi), decode_tma=attention_tma) for lo, hi in bounds]
         residual: list[torch.Tensor | None] = [None] * len(bounds)
@@ -184,7 +155,7 @@ class PipelineScheduler:
             for i, (lo, hi) in enumerate(bounds):
                 with torch.cuda.stream(ffn_stream), self._ffn_gemms(green):
                     if layer > 0:
-                        _wait(ffn_stream, self.attn_done[layer - 1][i])
+                        wait(ffn_stream, self.attn_done[layer - 1][i])
                     if timers:
                         timers.ffn[layer][i][0].record(ffn_stream)
                     if layer == 0:
@@ -203,7 +174,7 @@ class PipelineScheduler:
                 if layer == num_layers:
                     continue
                 with torch.cuda.stream(attn_stream):
-                    _wait(attn_stream, self.ffn_done[layer][i])
+                    wait(attn_stream, self.ffn_done[layer][i])
                     if timers:
                         timers.attention[layer][i][0].record(attn_stream)
                     self.o[lo:hi] = model.forward_attention_core(
@@ -214,7 +185,7 @@ class PipelineScheduler:
                     self.attn_done[layer][i].record(attn_stream)
         # Join: the FFN stream's last stage already waited for every attention stage.
         self.finished.record(ffn_stream)
-        _wait(main, self.finished)
+        wait(main, self.finished)
         if timers:
             timers.step[1].record(main)
         return self.out[:bs]

@@ -6,8 +6,9 @@ import contextlib
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.microbatch import microbatch_bounds
 from nanovllm.engine.model_inputs import prepare_decode
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler, microbatch_bounds
+from nanovllm.engine.pipeline_scheduler import PipelineScheduler
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 
