@@ -27,8 +27,9 @@ def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         )
 
 
-# Below a few hundred rows the GEMMs are bound by reading the weights, and a grid of one program
-# per output tile (N / 256 of them for 512 rows) would read them with too few SMs: cuBLAS there.
+# Below a few hundred rows the GEMMs are bound by reading the weights, and the bounded kernel's
+# programs, one per output tile at most (N / 256 of them up to 128 rows), would read them with too
+# few SMs: cuBLAS there.
 BOUNDED_MIN_ROWS = 256
 _gemm_sms: ContextVar[int | None] = ContextVar("nanovllm_gemm_sms", default=None)
 
@@ -44,7 +45,8 @@ def bounded_gemms(num_sms: int | None) -> Iterator[None]:
         _gemm_sms.reset(token)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the bounded GEMM inside ``bounded_gemms`` where it applies."""
     num_sms = _gemm_sms.get()
     if num_sms is not None and bias is None and x.dim() == 2 and x.shape[0] >= BOUNDED_MIN_ROWS:
         from nanovllm.kernels import triton_gemm
