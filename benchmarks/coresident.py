@@ -1,4 +1,4 @@
-"""Attention and GEMMs on the same SMs at once: what co-residence gives without any partition.
+"""Attention next to GEMMs, dependency-free: the best case any Attention/FFN overlap could reach.
 
 Green partitions give each stage its own SMs, so each keeps only its share of them
 (``partition_bw.py``: every split lost, 0.66-0.98x). The other way to overlap a memory-bound and a
@@ -8,27 +8,34 @@ keeps every tensor core, and attention streams the KV cache through every SM's l
 needs little of what the other is short of. NanoFlow's shipped Llama-3-8B configuration does this:
 its decode-attention kernel runs on all of the A100's SMs next to its GEMMs (``gemv_num_blocks``).
 
-This script times, at the Qwen3-8B shape and dependency-free (the best case for a pipeline):
+This script times, at the Qwen3-8B shape, with no dependencies between the two:
 
 - ``gemm``: one micro-batch's four layer GEMMs (QKV, O, gate/up, down at ``--m`` rows, weights
-  rotated over ``--layers`` layers to defeat L2) with the persistent Triton GEMM
-  (``kernels/triton_gemm.py``) at each ``--gemm-configs`` (BM,BN,warps,stages; ``auto``: its own
-  plan) and ``--gemm-programs`` (``sms``: one program per SM, ``tiles``: one per output tile);
-- ``attention``: the paged decode-attention kernel (Triton) over ``--batch`` sequences of
-  ``--ctx`` tokens, one call per layer, at each ``--attention-configs`` (block_n,warps,stages);
-- ``both``: the two issued together on two streams of the whole GPU (``--priority``: which stream
-  the block scheduler serves first, or none), against the faster of cuBLAS and this GEMM plus the
-  attention run one after the other.
+  rotated over ``--layers`` layers to defeat L2; ``--single-gemm``: the same FLOPs and weight bytes
+  as one launch, so its programs never leave their SMs) with the persistent Triton GEMM
+  (``kernels/triton_gemm.py``, one program per SM it runs on) at each ``--gemm-configs``
+  (BM,BN,warps,stages, or ``auto``: its own plan);
+- ``attention``: the paged decode-attention kernel over ``--batch`` sequences of ``--ctx`` tokens,
+  one call per layer (block_n,warps,stages), or a streaming read of the same bytes without the
+  math (``stream,...``: what a perfect attention kernel would move);
+- ``both``: the two issued together, either on every SM (``--attention-sms 0``, two streams,
+  ``--priority``: which stream the block scheduler serves first) or each on its own green
+  partition (``--attention-sms N``), against the faster of cuBLAS and this GEMM plus the fastest
+  decode-attention kernel, one after the other on the whole GPU ("serial"), and against the two
+  kernels of the row back to back ("own serial").
 
 It also prints each kernel's registers per thread and shared memory per program: what decides
 how many programs of each fit on one SM together.
 
     python benchmarks/coresident.py --json OUT
+    python benchmarks/coresident.py --single-gemm --attention-sms 0 16 32 \\
+        --attention-configs 64,4,2 stream,32,8,2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -50,8 +57,21 @@ def parse_args(argv=None):
     p.add_argument(
         "--gemm-configs", nargs="+", default=["auto", "128,128,4,3", "128,128,4,4", "128,128,8,3"]
     )
-    p.add_argument("--gemm-programs", nargs="+", choices=("sms", "tiles"), default=["sms", "tiles"])
-    p.add_argument("--attention-configs", nargs="+", default=["64,4,3", "64,4,2", "32,4,2"])
+    p.add_argument(
+        "--attention-sms",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="0: both kernels on every SM (co-resident); N: attention alone on an N-SM green "
+        "partition and the GEMM on the rest (the pipeline's placement)",
+    )
+    p.add_argument(
+        "--attention-configs",
+        nargs="+",
+        default=["64,4,3", "64,4,2", "32,4,2"],
+        help="decode attention as block_n,warps,stages, or stream,tile_kb,warps,programs_per_sm: "
+        "a streaming read of the same bytes, no math (a perfect attention kernel's traffic)",
+    )
     p.add_argument(
         "--priority", nargs="+", choices=("none", "gemm", "attention"), default=["none", "gemm"]
     )
@@ -82,8 +102,27 @@ def kernel_resources(jit_fn) -> list[dict]:
     return out
 
 
+@functools.cache
+def stream_read():
+    """A persistent Triton streaming read (32 KB tiles, no pipelining): the traffic of a perfect
+    decode-attention kernel, without its math (``sm_bandwidth.py``: 68-93 GB/s per SM alone)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream_sum(x_ptr, out_ptr, num_tiles, TILE: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros([TILE], dtype=tl.float32)
+        for t in range(pid, num_tiles, tl.num_programs(0)):
+            acc += tl.load(x_ptr + t.to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc))
+
+    return _stream_sum
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import green_ctx
     from nanovllm.kernels import triton_attention, triton_gemm
     from nanovllm.kernels.triton_attention import DecodeConfig
 
@@ -92,6 +131,8 @@ def main(argv=None) -> dict:
     dtype, m = torch.bfloat16, args.m
     kv_bytes = 2 * args.batch * args.ctx * 8 * 128 * 2
     case = PagedDecodeCase(dev, args.batch, args.ctx, args.layers * kv_bytes)
+    flat = torch.randn(case.nbytes // 2, dtype=dtype, device=dev)  # the stream proxy's bytes
+    partial = torch.empty(64 * sms, dtype=torch.float32, device=dev)
     shapes = SHAPES_8B
     if args.single_gemm:  # the layers' FLOPs as one launch: N = their total over K = 4096
         shapes = (("all", sum(n * k for _, n, k in SHAPES_8B) * args.layers // 4096, 4096),)
@@ -107,43 +148,42 @@ def main(argv=None) -> dict:
             for w in layer:
                 torch.mm(xs[w.shape[1]], w.t(), out=outs[w.shape[0]])
 
-    def bounded(config: str, programs: str):
+    def gemm(config: str, programs: int):
+        """Every GEMM on ``programs`` programs (one per SM where the GEMM runs)."""
         cfg = None if config == "auto" else tuple(int(v) for v in config.split(","))
-        launchers = []
-        for layer in weights:
-            for w in layer:
-                n, k = w.shape
-                bm, bn = (cfg or triton_gemm.plan(m, n, k, sms)[0])[:2]
-                grid = sms if programs == "sms" else -(-m // bm) * (n // bn)
-                splits = None if cfg is None else 1
-                launchers.append(
-                    triton_gemm.prepare(xs[k], w, outs[n], grid, config=cfg, splits=splits)
-                )
+        launchers = [
+            triton_gemm.prepare(xs[w.shape[1]], w, outs[w.shape[0]], programs, config=cfg,
+                                splits=None if cfg is None else 1)
+            for layer in weights
+            for w in layer
+        ]  # fmt: skip
         return lambda: [launch() for launch in launchers]
 
-    def attention(spec: str):
-        block_n, warps, stages = (int(v) for v in spec.split(","))
-        cfg = DecodeConfig(block_n, warps, stages)
-        return lambda: case.run(cfg)
+    def attention(spec: str, num_sms: int):
+        """Decode attention ("block_n,warps,stages") or the streaming read of the same bytes
+        ("stream,tile_kb,warps,programs_per_sm") on ``num_sms`` SMs."""
+        parts = spec.split(",")
+        if parts[0] == "stream":
+            tile_kb, warps, per_sm = (int(v) for v in parts[1:])
+            tile = tile_kb * 1024 // flat.element_size()
+            kernel, programs = stream_read(), num_sms * per_sm
+            return lambda: kernel[(programs,)](
+                flat, partial, flat.numel() // tile, TILE=tile, num_warps=warps, num_stages=1
+            )
+        cfg = DecodeConfig(*(int(v) for v in parts))
+        return lambda: case.run(cfg, None if num_sms == sms else num_sms)
 
     default = torch.cuda.current_stream()
-    streams = {
-        "none": (torch.cuda.Stream(), torch.cuda.Stream()),
-        # (gemm stream, attention stream); priority -1 is served first by the block scheduler
-        "gemm": (torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0)),
-        "attention": (torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1)),
-    }
+    priority = {"none": (0, 0), "gemm": (-1, 0), "attention": (0, -1)}  # -1 is served first
 
-    def alone(fn) -> float:
-        return concurrent_ms({"x": (default, fn)}, args.reps)[0]
+    def alone(fn, stream=default) -> float:
+        return concurrent_ms({"x": (stream, fn)}, args.reps)[0]
 
     cublas_ms = alone(cublas)
-    variants = itertools.product(args.gemm_configs, args.gemm_programs)
-    gemms = {(c, p): bounded(c, p) for c, p in variants}
-    gemm_ms = {key: alone(fn) for key, fn in gemms.items()}
-    attns = {spec: attention(spec) for spec in args.attention_configs}
-    attn_ms = {spec: alone(fn) for spec, fn in attns.items()}
-    serial = min(cublas_ms, *gemm_ms.values()) + min(attn_ms.values())
+    gemm_ms = {c: alone(gemm(c, sms)) for c in args.gemm_configs}
+    attn_ms = {spec: alone(attention(spec, sms)) for spec in args.attention_configs}
+    real = [ms for spec, ms in attn_ms.items() if not spec.startswith("stream")]
+    serial = min(cublas_ms, *gemm_ms.values()) + min(real or attn_ms.values())
     flops = 2 * m * sum(n * k for _, n, k in SHAPES_8B) * args.layers
     print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; GEMM M={m}, attention batch "
           f"{args.batch} x ctx {args.ctx}, {args.layers} layers")  # fmt: skip
@@ -152,37 +192,52 @@ def main(argv=None) -> dict:
         print(f"triton {key}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)")
     for spec, ms in attn_ms.items():
         print(f"attention {spec}: {ms:.3f} ms ({case.nbytes / ms / 1e6:.0f} GB/s)")
-    print(f"serial reference (fastest GEMM + fastest attention): {serial:.3f} ms")
+    print(f"serial reference (fastest GEMM + fastest attention kernel): {serial:.3f} ms")
     resources = dict(
         gemm=kernel_resources(triton_gemm._kernels()[0]),
         attention=kernel_resources(triton_attention._decode_split_kernel),
     )
     print("resources:", resources)
     rows = []
-    for (gkey, gfn), (akey, afn), prio in itertools.product(
-        gemms.items(), attns.items(), args.priority
-    ):
-        sg, sa = streams[prio]
-        both, per = concurrent_ms({"g": (sg, gfn), "a": (sa, afn)}, args.reps)
-        row = dict(
-            gemm=list(gkey), attention=akey, priority=prio, both_ms=both,
-            gemm_in_overlap_ms=per["g"], attention_in_overlap_ms=per["a"],
-            gemm_alone_ms=gemm_ms[gkey], attention_alone_ms=attn_ms[akey],
-            speedup_vs_serial=serial / both,
-            speedup_vs_own_serial=(gemm_ms[gkey] + attn_ms[akey]) / both,
-        )  # fmt: skip
-        rows.append(row)
-        print(
-            f"gemm {gkey[0]:>12} {gkey[1]:>5} | attn {akey:>7} | prio {prio:>9}: both "
-            f"{both:.3f} ms (gemm {per['g']:.3f}, attn {per['a']:.3f}) -> {serial / both:.3f}x "
-            f"of serial ({row['speedup_vs_own_serial']:.3f}x of these two back to back)"
-        )
+    for a_sms in args.attention_sms:
+        split = green_ctx.create_green_split(dev, a_sms) if a_sms else None
+        try:
+            placements = (
+                [(p, torch.cuda.Stream(priority=priority[p][1]),
+                  torch.cuda.Stream(priority=priority[p][0]), sms, sms) for p in args.priority]
+                if split is None
+                else [("-", split.first.stream, split.second.stream, split.first.sm_count,
+                       split.second.sm_count)]
+            )  # fmt: skip
+            for prio, sa, sg, n_attn, n_gemm in placements:
+                for gkey, akey in itertools.product(args.gemm_configs, args.attention_configs):
+                    gfn, afn = gemm(gkey, n_gemm), attention(akey, n_attn)
+                    g_alone, a_alone = alone(gfn, sg), alone(afn, sa)
+                    both, per = concurrent_ms({"g": (sg, gfn), "a": (sa, afn)}, args.reps)
+                    row = dict(
+                        attention_sms=a_sms, gemm_sms=n_gemm, gemm=gkey, attention=akey,
+                        priority=prio, both_ms=both, gemm_in_overlap_ms=per["g"],
+                        attention_in_overlap_ms=per["a"], gemm_alone_ms=g_alone,
+                        attention_alone_ms=a_alone, speedup_vs_serial=serial / both,
+                        speedup_vs_own_serial=(gemm_ms[gkey] + attn_ms[akey]) / both,
+                    )  # fmt: skip
+                    rows.append(row)
+                    where = f"{a_sms}/{n_gemm}" if a_sms else f"same SMs, prio {prio}"
+                    print(
+                        f"{where:>21} | gemm {gkey:>11} | attn {akey:>14}: alone here "
+                        f"{g_alone:.3f}/{a_alone:.3f}; both {both:.3f} ms (gemm {per['g']:.3f}, "
+                        f"attn {per['a']:.3f}) -> {serial / both:.3f}x of serial, "
+                        f"{row['speedup_vs_own_serial']:.3f}x of these two back to back"
+                    )
+        finally:
+            if split is not None:
+                split.close()
     best = max(rows, key=lambda r: r["speedup_vs_serial"])
     print("best:", best)
     payload = dict(
         script="benchmarks/coresident.py", environment=environment(dev), args=vars(args),
-        cublas_ms=cublas_ms, gemm_ms={"/".join(k): v for k, v in gemm_ms.items()},
-        attention_ms=attn_ms, serial_ms=serial, resources=resources, rows=rows,
+        cublas_ms=cublas_ms, gemm_ms=gemm_ms, attention_ms=attn_ms, serial_ms=serial,
+        resources=resources, rows=rows,
     )  # fmt: skip
     write_json(args.json, payload)
     return payload
