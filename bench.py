@@ -8,6 +8,7 @@ warm-up ``generate``, the whole ``generate`` is timed; throughput counts output 
 
     python bench.py                                  # Qwen3-0.6B shape, 256 requests
     python bench.py --shape 8b --compare-pipeline    # sequential, then pipelined, and the ratio
+    python bench.py --compare-pipeline --rounds 2    # seq, pipe, pipe, seq: medians per variant
     python bench.py --hf-baseline 32 --json benchmarks/results/bench_0.6b_h100.json
     python bench.py --quick --device cpu --hf-baseline 2    # control-flow smoke test
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from random import randint, seed
 
@@ -50,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--pipeline", action="store_true", help="enable_pipeline=True")
     p.add_argument("--compare-pipeline", action="store_true", help="sequential, then pipelined")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --compare-pipeline: rounds of both engines, the order alternating (seq, pipe, "
+        "pipe, seq, ...) so that neither always runs on a warmer card; medians are compared",
+    )
     p.add_argument("--attention-sms", type=int, help="pipeline_attention_sm_count")
     p.add_argument("--ffn-sms", type=int, help="pipeline_ffn_sm_count")
     p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
@@ -235,6 +244,20 @@ def hf_baseline(hf_config, state: dict, prompts, slice_info: dict, device) -> di
     )
 
 
+def variant_order(args) -> list[bool]:
+    """Engines to run, True = pipelined: with --compare-pipeline, rounds of both with the order
+    alternating (seq, pipe, pipe, seq, ...), so that neither always runs on the warmer card."""
+    if args.rounds < 1:
+        raise ValueError(f"rounds={args.rounds}: run at least 1 round (--rounds 1)")
+    if not args.compare_pipeline:
+        return [args.pipeline]
+    return [v for r in range(args.rounds) for v in ((False, True), (True, False))[r % 2]]
+
+
+def median_throughput(results: list[dict], variant: str) -> float:
+    return statistics.median(r["throughput_tok_s"] for r in results if r["variant"] == variant)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
@@ -250,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(prompts)} requests, {sum(map(len, prompts))} input tokens, "
         f"{sum(sp.max_tokens for sp in params)} output tokens"
     )
-    variants = [False, True] if args.compare_pipeline else [args.pipeline]
+    variants = variant_order(args)
     results, llm = [], None
     for pipelined in variants:
         if llm is not None:
@@ -261,9 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(result)
     payload = {"script": "bench.py", "environment": env, "args": vars(args), "results": results}
     if args.compare_pipeline:
-        ratio = results[1]["throughput_tok_s"] / results[0]["throughput_tok_s"]
+        ratio = median_throughput(results, "pipelined") / median_throughput(results, "sequential")
         payload["pipelined_over_sequential"] = ratio
-        print(f"pipelined / sequential throughput: {ratio:.3f}")
+        print(f"pipelined / sequential throughput (medians over {args.rounds} rounds): {ratio:.3f}")
     state: dict[str, torch.Tensor] = {}
     if args.hf_baseline:
         payload["hf_baseline"] = nanovllm_slice(llm, args, prompts, params, device)
