@@ -32,6 +32,7 @@ from benchmarks.common import (
     model_path,
     release_engine,
     resolve_device,
+    triton_compiles,
     write_json,
 )
 from nanovllm import SamplingParams
@@ -133,11 +134,15 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     startup = time.perf_counter() - t0
     preempted = llm.scheduler.num_preemptions
-    seconds, tokens = timed_generate(llm, prompts, params, device)
+    with triton_compiles() as compiled:
+        seconds, tokens = timed_generate(llm, prompts, params, device)
+    if compiled:
+        print(f"[{label}] {len(compiled)} Triton compiles inside the timed run: {compiled}")
     expected = sum(sp.max_tokens for sp in params)
     if tokens != expected:
         print(f"warning: {tokens} output tokens, {expected} requested")
     result = dict(variant=label, tokens=tokens, seconds=seconds, startup_s=startup)
+    result["triton_compiles_in_timed_run"] = compiled
     result["throughput_tok_s"] = report(label, tokens, seconds)
     result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     result["preemptions"] = llm.scheduler.num_preemptions - preempted

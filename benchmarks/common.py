@@ -219,6 +219,30 @@ def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], obje
 
 
 # ----------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[str]]:
+    """The Triton kernels compiled inside the block, each as Triton describes it (name, launch
+    options, argument types and specialisations): a compile inside a timed run is counted as run
+    time. Stays empty where Triton has no compile hook."""
+    compiled: list[str] = []
+    try:
+        from triton import knobs
+
+        previous = knobs.runtime.jit_post_compile_hook
+    except (ImportError, AttributeError):
+        yield compiled
+        return
+
+    def hook(*args, **kwargs) -> None:
+        compiled.append(str(kwargs.get("repr", args)))
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield compiled
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+
+
 def time_fns(
     fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
 ) -> dict[str, float]:

@@ -29,3 +29,12 @@ def test_medians_per_variant():
     ]
     assert bench.median_throughput(results, "sequential") == 102.0
     assert bench.median_throughput(results, "pipelined") == 100.0
+
+
+def test_triton_compiles_collects_and_restores_the_hook():
+    knobs = pytest.importorskip("triton").knobs
+    before = knobs.runtime.jit_post_compile_hook
+    with bench.triton_compiles() as compiled:
+        knobs.runtime.jit_post_compile_hook(key=None, repr="_kernel[num_warps=4](x: i32)")
+    assert compiled == ["_kernel[num_warps=4](x: i32)"]
+    assert knobs.runtime.jit_post_compile_hook is before

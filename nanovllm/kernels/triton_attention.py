@@ -152,7 +152,9 @@ def _online_softmax_step(q, k, v, offs_t, num_valid, m_i, l_i, acc, scale_log2e)
     return m_new, l_i, acc
 
 
-@triton.jit
+# Block tables are as wide as the batch's longest sequence needs, so their row stride changes from
+# step to step; specialised on its value it would compile new variants in the middle of a run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -501,7 +503,7 @@ def _merge(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # as the decode kernel's
 def _prefill_kernel(
     q_ptr,
     k_ptr,

@@ -19,7 +19,9 @@ MIN_TEMPERATURE = 1e-5  # as the torch sampler: keeps logits / t finite
 BLOCK = 2048
 
 
-@triton.jit
+# The seed changes every step: specialised on its value (divisible by 16 or not, equal to 1), it
+# would compile new variants in the middle of a run.
+@triton.jit(do_not_specialize=["seed"])
 def _gumbel_argmax_kernel(
     logits_ptr,
     stride_row,
