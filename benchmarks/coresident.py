@@ -35,7 +35,6 @@ how many programs of each fit on one SM together.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import PagedDecodeCase, concurrent_ms, environment, write_json  # noqa: E402
 from benchmarks.gemm_partition import SHAPES_8B  # noqa: E402
+from benchmarks.sm_bandwidth import stream_kernel  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,24 +102,6 @@ def kernel_resources(jit_fn) -> list[dict]:
     return out
 
 
-@functools.cache
-def stream_read():
-    """A persistent Triton streaming read (32 KB tiles, no pipelining): the traffic of a perfect
-    decode-attention kernel, without its math (``sm_bandwidth.py``: 68-93 GB/s per SM alone)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _stream_sum(x_ptr, out_ptr, num_tiles, TILE: tl.constexpr):
-        pid = tl.program_id(0)
-        acc = tl.zeros([TILE], dtype=tl.float32)
-        for t in range(pid, num_tiles, tl.num_programs(0)):
-            acc += tl.load(x_ptr + t.to(tl.int64) * TILE + tl.arange(0, TILE)).to(tl.float32)
-        tl.store(out_ptr + pid, tl.sum(acc))
-
-    return _stream_sum
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import green_ctx
@@ -133,6 +115,7 @@ def main(argv=None) -> dict:
     case = PagedDecodeCase(dev, args.batch, args.ctx, args.layers * kv_bytes)
     flat = torch.randn(case.nbytes // 2, dtype=dtype, device=dev)  # the stream proxy's bytes
     partial = torch.empty(64 * sms, dtype=torch.float32, device=dev)
+    read = stream_kernel()
     shapes = SHAPES_8B
     if args.single_gemm:  # the layers' FLOPs as one launch: N = their total over K = 4096
         shapes = (("all", sum(n * k for _, n, k in SHAPES_8B) * args.layers // 4096, 4096),)
@@ -163,13 +146,9 @@ def main(argv=None) -> dict:
         """Decode attention ("block_n,warps,stages") or the streaming read of the same bytes
         ("stream,tile_kb,warps,programs_per_sm") on ``num_sms`` SMs."""
         parts = spec.split(",")
-        if parts[0] == "stream":
+        if parts[0] == "stream":  # sm_bandwidth.py's persistent read of 32 KB tiles
             tile_kb, warps, per_sm = (int(v) for v in parts[1:])
-            tile = tile_kb * 1024 // flat.element_size()
-            kernel, programs = stream_read(), num_sms * per_sm
-            return lambda: kernel[(programs,)](
-                flat, partial, flat.numel() // tile, TILE=tile, num_warps=warps, num_stages=1
-            )
+            return lambda: read(flat, partial, tile_kb, warps, 1, num_sms * per_sm)
         cfg = DecodeConfig(*(int(v) for v in parts))
         return lambda: case.run(cfg, None if num_sms == sms else num_sms)
 
