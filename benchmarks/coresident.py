@@ -17,7 +17,7 @@ This script times, at the Qwen3-8B shape, with no dependencies between the two:
   (BM,BN,warps,stages, or ``auto``: its own plan);
 - ``attention``: the paged decode-attention kernel over ``--batch`` sequences of ``--ctx`` tokens,
   one call per layer (block_n,warps,stages), or a streaming read of the same bytes without the
-  math (``stream,...``: what a perfect attention kernel would move);
+  math (``stream,...``: the traffic alone, a stand-in for a much faster attention kernel);
 - ``both``: the two issued together, either on every SM (``--attention-sms 0``, two streams,
   ``--priority``: which stream the block scheduler serves first) or each on its own green
   partition (``--attention-sms N``), against the faster of cuBLAS and this GEMM plus the fastest
@@ -70,7 +70,7 @@ def parse_args(argv=None):
         nargs="+",
         default=["64,4,3", "64,4,2", "32,4,2"],
         help="decode attention as block_n,warps,stages, or stream,tile_kb,warps,programs_per_sm: "
-        "a streaming read of the same bytes, no math (a perfect attention kernel's traffic)",
+        "a streaming read of the same bytes, no math (a stand-in for a much faster kernel)",
     )
     p.add_argument(
         "--priority", nargs="+", choices=("none", "gemm", "attention"), default=["none", "gemm"]
