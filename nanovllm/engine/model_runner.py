@@ -156,7 +156,7 @@ class ModelRunner:
     def _warmup_paged_prefill(self) -> None:
         """A one-token prefill after a one-token cached prefix, the path of chunked prefill and
         prefix-cache hits: its kernels compile now, not inside the first request that takes it
-        (about a second and a half per Triton kernel on an H100). Writes nothing (slot -1)."""
+        (a second or more per Triton kernel on an H100). Writes nothing (slot -1)."""
         i32 = dict(dtype=torch.int32, device=self.device)
         meta = AttentionMetadata(
             is_prefill=True,
