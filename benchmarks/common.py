@@ -220,27 +220,42 @@ def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], obje
 
 # ----------------------------------------------------------------------------- timing
 @contextlib.contextmanager
-def triton_compiles() -> Iterator[list[str]]:
-    """The Triton kernels compiled inside the block, each as Triton describes it (name, launch
-    options, argument types and specialisations): a compile inside a timed run is counted as run
-    time. Stays empty where Triton has no compile hook."""
+def kernel_compiles() -> Iterator[list[str]]:
+    """The kernels compiled inside the block: each Triton JIT compile as Triton describes it
+    (name, launch options, argument types and specialisations), then one entry
+    ``"torch.compile: N graphs"`` if Dynamo compiled (or recompiled) graphs. A compile inside a
+    timed run is counted as run time. Triton's part stays empty where it has no compile hook."""
     compiled: list[str] = []
+    graphs_before = _dynamo_graphs()
     try:
         from triton import knobs
 
         previous = knobs.runtime.jit_post_compile_hook
     except (ImportError, AttributeError):
-        yield compiled
-        return
+        knobs = None
 
     def hook(*args, **kwargs) -> None:
         compiled.append(str(kwargs.get("repr", args)))
 
-    knobs.runtime.jit_post_compile_hook = hook
+    if knobs is not None:
+        knobs.runtime.jit_post_compile_hook = hook
     try:
         yield compiled
     finally:
-        knobs.runtime.jit_post_compile_hook = previous
+        if knobs is not None:
+            knobs.runtime.jit_post_compile_hook = previous
+        graphs = _dynamo_graphs() - graphs_before
+        if graphs:
+            compiled.append(f"torch.compile: {graphs} graphs")
+
+
+def _dynamo_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (recompiles included)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return counters["stats"]["unique_graphs"]
 
 
 def time_fns(

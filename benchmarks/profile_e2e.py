@@ -15,11 +15,13 @@ Prints the totals by phase and by step kind, decode steps by batch size, prefill
 preemptions and recomputed tokens.
 
     python benchmarks/profile_e2e.py --shape 8b --json OUT
+    python benchmarks/profile_e2e.py --engines 2   # the first engine of a process vs the next
     python benchmarks/profile_e2e.py --quick --device cpu
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -33,6 +35,8 @@ import bench  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     build_engine,
     environment,
+    free_memory,
+    kernel_compiles,
     model_path,
     release_engine,
     resolve_device,
@@ -159,14 +163,8 @@ def print_summary(s: dict, tokens: int) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = bench.parse_args(argv)
-    device = resolve_device(args.device)
-    path = args.model or model_path(args.shape)
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(path)
-    prompts, params = bench.workload(args, hf_config.vocab_size)
+def profile_engine(args, path: str, device, prompts, params) -> dict:
+    """Build an engine, warm up as bench.py does, profile one timed run, close the engine."""
     options = dict(
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -178,26 +176,74 @@ def main(argv: list[str] | None = None) -> dict:
     recorder = StepRecorder(llm, device)
     preempted_before = llm.scheduler.num_preemptions
     try:
-        seconds, tokens = bench.timed_generate(llm, prompts, params, device)
+        with kernel_compiles() as compiled:
+            seconds, tokens = bench.timed_generate(llm, prompts, params, device)
     finally:
         recorder.restore()
     params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
     summary = summarise(recorder.steps, seconds, params_count)
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
-    prompt_tokens = sum(map(len, prompts))
-    summary["recomputed_tokens"] = summary["prefill"]["tokens"] - prompt_tokens
+    summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
+    summary["compiles_in_timed_run"] = compiled
     print_summary(summary, tokens)
+    if compiled:
+        print(f"compiled inside the timed run: {compiled}")
+    release_engine(llm)
+    free_memory()
+    return dict(tokens=tokens, summary=summary)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        help="profile this many engines one after another in this process (the first of a "
+        "process may differ from the rest: what it does first, the others find done)",
+    )
+    own, rest = extra.parse_known_args(argv)
+    if own.engines < 1:
+        raise ValueError(f"--engines {own.engines}: profile at least 1 engine (--engines 1)")
+    args = bench.parse_args(rest)
+    device = resolve_device(args.device)
+    path = args.model or model_path(args.shape)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    prompts, params = bench.workload(args, hf_config.vocab_size)
+    runs = []
+    for i in range(own.engines):
+        print(f"\n=== engine {i + 1} of {own.engines}")
+        runs.append(profile_engine(args, path, device, prompts, params))
     payload = {
         "script": "benchmarks/profile_e2e.py",
         "environment": environment(device),
-        "args": vars(args),
-        "tokens": tokens,
-        "summary": summary,
+        "args": {**vars(args), "engines": own.engines},
+        "tokens": runs[0]["tokens"],
+        "summary": runs[0]["summary"],
     }
-    release_engine(llm)
+    if own.engines > 1:
+        payload["engines"] = [r["summary"] for r in runs]
+        print_engine_deltas(payload["engines"])
     write_json(args.json, payload)
     return payload
+
+
+def print_engine_deltas(summaries: list[dict]) -> None:
+    """Seconds per phase and step kind of each engine minus the last engine's."""
+    last = summaries[-1]
+    print("\nseconds against the last engine (+ = slower):")
+    for i, s in enumerate(summaries[:-1]):
+        cells = [f"total {s['total_s'] - last['total_s']:+.3f}"]
+        for kind in ("prefill", "decode"):
+            for phase in PHASES:
+                d = s[kind][f"{phase}_s"] - last[kind][f"{phase}_s"]
+                if abs(d) >= 0.005:
+                    cells.append(f"{kind} {phase} {d:+.3f}")
+        cells.append(f"outside steps {s['untracked_s'] - last['untracked_s']:+.3f}")
+        print(f"  engine {i + 1}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":

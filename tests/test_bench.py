@@ -1,6 +1,7 @@
 """bench.py's control flow (the timing itself runs on a GPU: benchmarks/results/RUNS.md)."""
 
 import pytest
+import torch
 
 import bench
 
@@ -31,10 +32,41 @@ def test_medians_per_variant():
     assert bench.median_throughput(results, "pipelined") == 100.0
 
 
-def test_triton_compiles_collects_and_restores_the_hook():
+def test_kernel_compiles_collects_and_restores_the_hook():
     knobs = pytest.importorskip("triton").knobs
     before = knobs.runtime.jit_post_compile_hook
-    with bench.triton_compiles() as compiled:
+    with bench.kernel_compiles() as compiled:
         knobs.runtime.jit_post_compile_hook(key=None, repr="_kernel[num_warps=4](x: i32)")
     assert compiled == ["_kernel[num_warps=4](x: i32)"]
     assert knobs.runtime.jit_post_compile_hook is before
+
+
+def test_kernel_compiles_counts_torch_compile_graphs():
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=True)
+    fn(torch.ones(3))  # compiled before the block: not counted
+    with bench.kernel_compiles() as compiled:
+        fn(torch.ones(5))  # same graph (dynamic sizes)
+    assert not any(c.startswith("torch.compile") for c in compiled)
+    with bench.kernel_compiles() as compiled:
+        fn(torch.ones(1))  # size 1 is specialised: a recompile
+    assert compiled[-1] == "torch.compile: 1 graphs"
+
+
+def test_profile_e2e_profiles_each_engine(capsys):
+    from transformers import AutoConfig
+
+    from benchmarks import profile_e2e
+    from benchmarks.common import model_path
+
+    payload = profile_e2e.main(["--quick", "--device", "cpu", "--engines", "2"])
+    args = bench.parse_args(["--quick"])
+    vocab = AutoConfig.from_pretrained(model_path(args.shape)).vocab_size
+    _, params = bench.workload(args, vocab)
+    assert len(payload["engines"]) == 2
+    for summary in payload["engines"]:
+        # every sampled token is one decode row or the last chunk of one prefill
+        assert summary["decode"]["tokens"] + args.num_seqs == payload["tokens"]
+    assert payload["tokens"] == sum(sp.max_tokens for sp in params)
+    assert "engine 1: total" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--engines 0"):
+        profile_e2e.main(["--quick", "--device", "cpu", "--engines", "0"])

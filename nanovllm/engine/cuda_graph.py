@@ -28,8 +28,11 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeBuffers:
     """Static decode inputs for up to ``max_num_seqs`` rows; ``max_blocks`` covers
-    ``max_model_len``. Rows past the live batch are padding: slot -1, context length 0."""
+    ``max_model_len``. Rows past the live batch are padding: slot -1, context length 0.
+    Made in inference mode, like every tensor a step passes to the model: torch.compile guards
+    on that (a normal tensor here recompiled the fused rotary twice during graph capture)."""
 
+    @torch.inference_mode()
     def __init__(self, max_num_seqs: int, max_blocks: int, hidden_size: int, dtype, device):
         self.input_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
