@@ -28,7 +28,9 @@ from benchmarks.common import (
     add_common_args,
     build_engine,
     environment,
+    format_gc_pauses,
     free_memory,
+    gc_pauses,
     kernel_compiles,
     model_path,
     release_engine,
@@ -134,8 +136,9 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     startup = time.perf_counter() - t0
     preempted = llm.scheduler.num_preemptions
-    with kernel_compiles() as compiled:
+    with kernel_compiles() as compiled, gc_pauses() as gc_stats:
         seconds, tokens = timed_generate(llm, prompts, params, device)
+    print(f"[{label}] garbage collector: {format_gc_pauses(gc_stats)}")
     if compiled:
         print(f"[{label}] compiled inside the timed run: {compiled}")
     expected = sum(sp.max_tokens for sp in params)
@@ -143,6 +146,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         print(f"warning: {tokens} output tokens, {expected} requested")
     result = dict(variant=label, tokens=tokens, seconds=seconds, startup_s=startup)
     result["compiles_in_timed_run"] = compiled
+    result["gc_pauses"] = gc_stats
     result["throughput_tok_s"] = report(label, tokens, seconds)
     result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     result["preemptions"] = llm.scheduler.num_preemptions - preempted

@@ -249,6 +249,33 @@ def kernel_compiles() -> Iterator[list[str]]:
             compiled.append(f"torch.compile: {graphs} graphs")
 
 
+@contextlib.contextmanager
+def gc_pauses() -> Iterator[dict[str, dict]]:
+    """The garbage collector's passes inside the block, per generation: ``{"gen2": {"passes":
+    n, "seconds": s}, ...}`` (a pass stops every Python thread, so it is host time of the step
+    loop)."""
+    stats = {f"gen{g}": {"passes": 0, "seconds": 0.0} for g in range(3)}
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        entry = stats[f"gen{info['generation']}"]
+        entry["passes"] += 1
+        entry["seconds"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield stats
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def format_gc_pauses(stats: dict[str, dict]) -> str:
+    return ", ".join(f"{g} {e['passes']} passes {e['seconds']:.3f} s" for g, e in stats.items())
+
+
 def _dynamo_graphs() -> int:
     """Graphs Dynamo has compiled in this process so far (recompiles included)."""
     try:

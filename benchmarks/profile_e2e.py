@@ -35,7 +35,9 @@ import bench  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     build_engine,
     environment,
+    format_gc_pauses,
     free_memory,
+    gc_pauses,
     kernel_compiles,
     model_path,
     release_engine,
@@ -176,7 +178,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
     recorder = StepRecorder(llm, device)
     preempted_before = llm.scheduler.num_preemptions
     try:
-        with kernel_compiles() as compiled:
+        with kernel_compiles() as compiled, gc_pauses() as gc_stats:
             seconds, tokens = bench.timed_generate(llm, prompts, params, device)
     finally:
         recorder.restore()
@@ -186,7 +188,9 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
     summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     summary["compiles_in_timed_run"] = compiled
+    summary["gc_pauses"] = gc_stats
     print_summary(summary, tokens)
+    print(f"garbage collector: {format_gc_pauses(gc_stats)}")
     if compiled:
         print(f"compiled inside the timed run: {compiled}")
     release_engine(llm)
