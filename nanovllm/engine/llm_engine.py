@@ -18,7 +18,6 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.gc_freeze import frozen_heap
 from nanovllm.utils.hf import eos_token_ids, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -194,38 +193,32 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
         try:
-            with frozen_heap():  # the collector walks only what the loop makes
-                self._run_to_completion(bar)
+            while not self.is_finished():
+                t = time.perf_counter()
+                before = (len(self.scheduler.waiting), len(self.scheduler.running))
+                finished, n = self.step()
+                if n == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
+                    # Cannot happen by construction (requests that can never fit are refused
+                    # when added); never spin if it ever does.
+                    raise RuntimeError(
+                        "the scheduler made no progress with requests still queued: please "
+                        "report this with your LLM options"
+                    )
+                dt = max(time.perf_counter() - t, 1e-9)
+                if n > 0:
+                    prefill_tps = n / dt
+                elif n < 0:
+                    decode_tps = -n / dt
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
+                bar.update(len(finished))
         except BaseException:
             self._abort()
             raise
         finally:
             bar.close()
         return [self._output(seq) for seq in seqs]
-
-    def _run_to_completion(self, bar) -> None:
-        """Step until every queued request finished; the bar shows the last prefill and decode
-        step's tokens per second."""
-        prefill_tps = decode_tps = 0.0
-        while not self.is_finished():
-            t = time.perf_counter()
-            before = (len(self.scheduler.waiting), len(self.scheduler.running))
-            finished, n = self.step()
-            if n == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
-                # Cannot happen by construction (requests that can never fit are refused
-                # when added); never spin if it ever does.
-                raise RuntimeError(
-                    "the scheduler made no progress with requests still queued: please "
-                    "report this with your LLM options"
-                )
-            dt = max(time.perf_counter() - t, 1e-9)
-            if n > 0:
-                prefill_tps = n / dt
-            elif n < 0:
-                decode_tps = -n / dt
-            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
-            bar.update(len(finished))
 
     def _abort(self) -> None:
         """Drop every queued or running request (after an exception), freeing their blocks."""
