@@ -52,6 +52,21 @@ def test_kernel_compiles_counts_torch_compile_graphs():
     assert compiled[-1] == "torch.compile: 1 graphs"
 
 
+def test_gc_pauses_counts_passes_per_generation_and_unhooks():
+    import gc
+
+    from benchmarks.common import format_gc_pauses, gc_pauses
+
+    hooks = len(gc.callbacks)
+    with gc_pauses() as stats:
+        gc.collect()
+        gc.collect(0)
+    assert stats["gen2"]["passes"] == 1 and stats["gen0"]["passes"] == 1
+    assert stats["gen2"]["seconds"] > 0
+    assert len(gc.callbacks) == hooks
+    assert format_gc_pauses(stats).startswith("gen0 1 passes")
+
+
 def test_profile_e2e_profiles_each_engine(capsys):
     from transformers import AutoConfig
 
