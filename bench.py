@@ -158,6 +158,27 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     return result, llm
 
 
+def compare_line(results: list[dict], rounds: int) -> float | None:
+    """Print the pipelined/sequential throughput ratio, only if pipelined steps ran; else say
+    plainly that both engines decoded sequentially. Returns the ratio or None."""
+    piped = [r["pipeline"] for r in results if r["variant"] == "pipelined"]
+    steps = sum(p["steps"] for p in piped)
+    if steps == 0:
+        reasons = sorted({p["reason"] for p in piped if p["reason"]})
+        print(
+            "no pipelined decode step ran (mode "
+            f"{', '.join(sorted({p['mode'] for p in piped}))}: {'; '.join(reasons) or 'n/a'}): "
+            "both engines decoded sequentially, so there is no pipeline ratio to report"
+        )
+        return None
+    ratio = median_throughput(results, "pipelined") / median_throughput(results, "sequential")
+    print(
+        f"pipelined / sequential throughput (medians over {rounds} rounds): {ratio:.3f} "
+        f"({steps} pipelined decode steps)"
+    )
+    return ratio
+
+
 def hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face names: packed q/k/v and gate/up split back (views)."""
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
@@ -293,9 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(result)
     payload = {"script": "bench.py", "environment": env, "args": vars(args), "results": results}
     if args.compare_pipeline:
-        ratio = median_throughput(results, "pipelined") / median_throughput(results, "sequential")
-        payload["pipelined_over_sequential"] = ratio
-        print(f"pipelined / sequential throughput (medians over {args.rounds} rounds): {ratio:.3f}")
+        payload["pipelined_over_sequential"] = compare_line(results, args.rounds)
     state: dict[str, torch.Tensor] = {}
     if args.hf_baseline:
         payload["hf_baseline"] = nanovllm_slice(llm, args, prompts, params, device)

@@ -4,7 +4,7 @@ One engine per shape (random weights, ``enable_pipeline=True``). For every SM sp
 (``pipeline.adjust_sm_allocation(a, f)``) and micro-batch count, the pipelined graphs are
 re-captured; then, for every batch and context, the sequential graph
 (``runner.graph_runner``: whole GPU, default stream) and the pipelined graph
-(``runner.pipeline.graph_runner``: green-context partitions) are replayed on the same
+(``runner.decode.graph_runner``: green-context partitions) are replayed on the same
 synthetic sequences, interleaved, CUDA events, medians. The floor is decode_step's
 ``max(bytes / copy bandwidth, flops / matmul peak)`` (weights read once; ``floor_m`` reads them
 once per micro-batch, as the pipeline does). Combinations whose KV cache does not fit are skipped
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -118,7 +119,8 @@ def configure_pipeline(
     smaller count. Returns the granted (attention, FFN) SMs."""
     if split is not None:
         pipe.adjust_sm_allocation(*split)
-    pipe.num_microbatches, pipe.ffn_gemm = m, ffn_gemm
+    pipe.num_microbatches = m
+    pipe.kernels = replace(pipe.kernels, ffn_gemm=ffn_gemm)
     if pipe.graph_runner is not None:
         pipe.graph_runner.reset()
         pipe.graph_runner.capture()
@@ -149,7 +151,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
         pipeline_ffn_gemm=args.ffn_gemm[0],
     )
     runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
-    pipe = runner.pipeline
+    pipe = runner.decode
     out["pipeline"] = {"active": pipe.active, "mode": pipe.mode, "reason": pipe.reason}
     print(f"{name}: pipeline {'active' if pipe.active else 'unavailable: ' + pipe.reason}")
     inputs = {

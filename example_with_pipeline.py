@@ -63,10 +63,19 @@ def main() -> None:
     pipe_tokens, pipe_tps = run(piped, prompts, params)
 
     same = sum(a == b for a, b in zip(seq_tokens, pipe_tokens))
-    print(
-        f"\nsequential: {seq_tps:,.0f} tok/s   pipeline on: {pipe_tps:,.0f} tok/s   "
-        f"ratio {pipe_tps / seq_tps:.3f}   identical outputs: {same}/{len(prompts)}\n"
-    )
+    stats = piped.model_runner.get_pipeline_statistics()
+    print(f"\nsequential: {seq_tps:,.0f} tok/s   pipeline on: {pipe_tps:,.0f} tok/s")
+    if stats["steps"]:
+        print(
+            f"ratio {pipe_tps / seq_tps:.3f} over {stats['steps']} pipelined decode steps   "
+            f"identical outputs: {same}/{len(prompts)}\n"
+        )
+    else:
+        print(
+            f"no pipelined decode step ran ({stats['reason']}): both engines decoded "
+            f"sequentially, so there is no ratio to report   identical outputs: "
+            f"{same}/{len(prompts)}\n"
+        )
     piped.model_runner.print_pipeline_statistics()
     piped.exit()
 

@@ -209,7 +209,7 @@ def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], obje
     """One decode step as the engine runs it: CUDA-graph replay (inputs copied into the static
     buffers, then the graph), or the eager forward where there are no graphs."""
     if pipelined:
-        pipe = runner.pipeline
+        pipe = runner.decode
         if pipe.graph_runner is not None:
             return lambda: pipe.graph_runner.run(inputs)
         return lambda: pipe.step(inputs.input_ids, inputs.positions, inputs.meta)

@@ -83,7 +83,7 @@ def cublas_kernels(fn, stream) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import green_ctx
-    from nanovllm.engine.sm_budget import set_cublas_sm_budget
+    from nanovllm.pipeline.sm_budget import set_cublas_sm_budget
 
     dev = torch.device("cuda")
     total_sms = torch.cuda.get_device_properties(dev).multi_processor_count

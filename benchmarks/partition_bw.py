@@ -121,8 +121,8 @@ def persistent_matmul():
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import green_ctx
-    from nanovllm.engine.sm_budget import set_cublas_sm_budget
     from nanovllm.kernels.triton_attention import DecodeConfig
+    from nanovllm.pipeline.sm_budget import set_cublas_sm_budget
 
     dev = torch.device("cuda")
     if args.blas != "default":

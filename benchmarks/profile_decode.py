@@ -98,7 +98,7 @@ def main() -> None:
         pipeline_ffn_gemm=args.ffn_gemm,
     )
     runner = llm.model_runner
-    pipe = runner.pipeline
+    pipe = runner.decode
     rows = []
     for batch, ctx in points:
         inputs = synthetic_decode_inputs(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+from nanovllm.attention import backend_names
 
 
 @dataclass
@@ -68,8 +68,8 @@ class Config:
             bad("device", 'no CUDA GPU is visible to torch: use device="cpu" or "auto"')
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             bad("dtype", 'use "auto", "float32", "float16" or "bfloat16"')
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            bad("attention_backend", f"use one of {ATTENTION_BACKENDS}")
+        if self.attention_backend not in ("auto", *backend_names()):
+            bad("attention_backend", f"use one of {('auto', *backend_names())}")
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", 'use "auto" (safetensors) or "dummy" (random weights)')
         for name in ("pipeline_attention_sm_count", "pipeline_ffn_sm_count"):

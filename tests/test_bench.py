@@ -85,3 +85,19 @@ def test_profile_e2e_profiles_each_engine(capsys):
     assert "engine 1: total" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--engines 0"):
         profile_e2e.main(["--quick", "--device", "cpu", "--engines", "0"])
+
+
+def test_compare_prints_a_ratio_only_when_pipelined_steps_ran(capsys):
+    def result(variant, tok_s, steps=0):
+        out = {"variant": variant, "throughput_tok_s": tok_s}
+        if variant == "pipelined":
+            out["pipeline"] = {"steps": steps, "mode": "sequential", "reason": "on cpu"}
+        return out
+
+    none_ran = [result("sequential", 100.0), result("pipelined", 120.0)]
+    assert bench.compare_line(none_ran, 1) is None
+    out = capsys.readouterr().out
+    assert "no pipelined decode step ran" in out and "on cpu" in out and "1.2" not in out
+    ran = [result("sequential", 100.0), result("pipelined", 120.0, steps=5)]
+    assert bench.compare_line(ran, 1) == 1.2
+    assert "1.200 (5 pipelined decode steps)" in capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""The attention-backend interface: three operations over a paged KV cache.
+"""The attention-backend interface: three operations over a paged KV cache, plus what a backend
+owns around them: building its per-step metadata from a step plan, the static metadata buffers
+its decode step is captured over, and whether a CUDA graph can capture it.
 
 KV cache layout, per layer: ``k_cache`` / ``v_cache`` are [num_blocks, block_size, num_kv_heads,
 head_dim]. Heads are grouped (GQA): query head h reads KV head ``h // (num_heads // num_kv_heads)``.
@@ -6,16 +8,79 @@ head_dim]. Heads are grouped (GQA): query head h reads KV head ``h // (num_heads
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.utils.tensors import to_device
 
 
-class AttentionBackend(Protocol):
-    name: str
+class DecodeMetadataBuffers:
+    """Static decode metadata for up to ``max_num_seqs`` rows, the inputs a captured decode
+    graph reads; ``max_blocks`` covers ``max_model_len``. Rows past the live batch are padding:
+    slot -1, context length 0. Made in inference mode, like every tensor a step passes to the
+    model: torch.compile guards on that."""
 
+    @torch.inference_mode()
+    def __init__(self, max_num_seqs: int, max_blocks: int, device: torch.device):
+        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
+
+    def meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slot_mapping[:bs],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+        )
+
+    def load(self, meta: AttentionMetadata, n: int, bs: int) -> None:
+        """Copy ``n`` live rows of ``meta`` in and pad up to the bucket ``bs``."""
+        self.slot_mapping[:n] = meta.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.context_lens[:n] = meta.context_lens
+        self.context_lens[n:bs] = 0
+        width = meta.block_tables.shape[1]
+        # Entries past a row's context are never read, so stale columns need no clearing.
+        self.block_tables[:n, :width] = meta.block_tables.clamp(min=0)
+
+
+class AttentionBackend:
+    """Base of every backend. ``graph_safe``: the decode path never synchronises with the host,
+    so the model runner may capture it in a CUDA graph."""
+
+    name: str = ""
+    graph_safe: bool = False
+
+    # -- metadata ----------------------------------------------------------------------------
+    def build_metadata(self, plan, device: torch.device) -> AttentionMetadata:
+        """The metadata of one step from its plan (``engine.model_inputs.StepPlan``: plain
+        lists), on ``device``."""
+        i32 = torch.int32
+        tables = plan.block_tables
+        if plan.is_prefill:
+            return AttentionMetadata(
+                is_prefill=True,
+                slot_mapping=to_device(plan.slot_mapping, i32, device),
+                cu_seqlens_q=to_device(plan.cu_seqlens_q, i32, device),
+                cu_seqlens_k=to_device(plan.cu_seqlens_k, i32, device),
+                max_seqlen_q=plan.max_seqlen_q,
+                max_seqlen_k=plan.max_seqlen_k,
+                block_tables=to_device(tables, i32, device) if tables is not None else None,
+            )
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=to_device(plan.slot_mapping, i32, device),
+            context_lens=to_device(plan.context_lens, i32, device),
+            block_tables=to_device(tables, i32, device),
+        )
+
+    def decode_buffers(
+        self, max_num_seqs: int, max_blocks: int, device: torch.device
+    ) -> DecodeMetadataBuffers:
+        return DecodeMetadataBuffers(max_num_seqs, max_blocks, device)
+
+    # -- kernels -----------------------------------------------------------------------------
     def store_kvcache(
         self,
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -23,7 +88,8 @@ class AttentionBackend(Protocol):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens]; -1 = skip
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
     def prefill(
         self,
@@ -34,7 +100,8 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        raise NotImplementedError
 
     def decode(
         self,
@@ -43,4 +110,5 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...  # [num_seqs, num_heads, head_dim]
+    ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+        raise NotImplementedError

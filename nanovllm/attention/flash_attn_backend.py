@@ -6,11 +6,13 @@ flash-attn 2.
 
 from __future__ import annotations
 
+from nanovllm.attention.backend import AttentionBackend
 from nanovllm.attention.metadata import AttentionMetadata
 
 
-class FlashAttnBackend:
+class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
+    graph_safe = True
 
     def __init__(self):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

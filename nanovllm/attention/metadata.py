@@ -23,8 +23,6 @@ class AttentionMetadata:
     - decode: one query token per sequence; ``context_lens``: [num_seqs] int32 keys per sequence
       (the new token included, 0 for padding rows); ``block_tables``: [num_seqs, max_blocks] int32
       (-1 padded).
-    - ``decode_tma``: run decode attention on the copy-engine kernel (``kernels/tma_decode.py``)
-      where the call qualifies; set per micro-batch by the pipeline for its attention partition.
     """
 
     is_prefill: bool
@@ -35,7 +33,6 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    decode_tma: bool = False
 
     def decode_slice(self, start: int, end: int) -> AttentionMetadata:
         """The metadata of decode rows [start, end): a micro-batch's view, sharing storage."""

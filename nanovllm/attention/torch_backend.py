@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.attention.backend import AttentionBackend
 from nanovllm.attention.metadata import AttentionMetadata
 
 
@@ -27,8 +28,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.matmul(probs, v.float())
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    graph_safe = False  # host syncs (boolean indexing, per-sequence loops)
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         valid = slot_mapping >= 0  # boolean indexing syncs: the torch backend runs eagerly

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.attention.backend import AttentionBackend
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.kernels import triton_attention as kernels
 
-_TMA = kernels.DecodeConfig(tma=True)
+DECODE_KERNELS = ("triton", "tma")
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
+    """``decode_kernel="tma"``: decode attention's first stage on the Hopper copy engine
+    (``kernels/tma_decode.py``) where a call qualifies, faster per SM, which is what a small SM
+    partition needs; the Triton kernel elsewhere. The pipeline makes this variant for its
+    attention partition."""
+
     name = "triton"
+    graph_safe = True
+
+    def __init__(self, decode_kernel: str = "triton"):
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel={decode_kernel!r}: use one of {DECODE_KERNELS}")
+        self.decode_kernel = decode_kernel
+        self._decode_config = kernels.DecodeConfig(tma=True) if decode_kernel == "tma" else None
 
     def store_kvcache(
         self,
@@ -65,5 +78,5 @@ class TritonAttentionBackend:
             meta.block_tables,
             meta.context_lens,
             scale,
-            config=_TMA if meta.decode_tma else None,
+            config=self._decode_config,
         )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.attention import AttentionMetadata, DecodeMetadataBuffers
 from nanovllm.engine.model_inputs import ModelInputs
 
 logger = logging.getLogger(__name__)
@@ -27,40 +27,32 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeBuffers:
-    """Static decode inputs for up to ``max_num_seqs`` rows; ``max_blocks`` covers
-    ``max_model_len``. Rows past the live batch are padding: slot -1, context length 0.
-    Made in inference mode, like every tensor a step passes to the model: torch.compile guards
-    on that (a normal tensor here recompiled the fused rotary twice during graph capture)."""
+    """Static decode inputs for up to ``max_num_seqs`` rows: token ids, positions and the output
+    hidden states here; the attention metadata in buffers the attention backend owns
+    (``attention``). Rows past the live batch are padding."""
 
     @torch.inference_mode()
-    def __init__(self, max_num_seqs: int, max_blocks: int, hidden_size: int, dtype, device):
+    def __init__(
+        self,
+        max_num_seqs: int,
+        hidden_size: int,
+        dtype,
+        device,
+        attention: DecodeMetadataBuffers,
+    ):
         self.input_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
+        self.attention = attention
 
     def meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self.slot_mapping[:bs],
-            context_lens=self.context_lens[:bs],
-            block_tables=self.block_tables[:bs],
-        )
+        return self.attention.meta(bs)
 
     def load(self, inputs: ModelInputs, bs: int) -> None:
         n = inputs.input_ids.shape[0]
-        meta = inputs.meta
         self.input_ids[:n] = inputs.input_ids
         self.positions[:n] = inputs.positions
-        self.slot_mapping[:n] = meta.slot_mapping
-        self.slot_mapping[n:bs] = -1
-        self.context_lens[:n] = meta.context_lens
-        self.context_lens[n:bs] = 0
-        width = meta.block_tables.shape[1]
-        # Entries past a row's context are never read, so stale columns need no clearing.
-        self.block_tables[:n, :width] = meta.block_tables.clamp(min=0)
+        self.attention.load(inputs.meta, n, bs)
 
 
 class DecodeGraphRunner:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.attention import AttentionBackend, AttentionMetadata
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import SamplingTensors
 from nanovllm.utils.tensors import to_device
+
+_DEFAULT_BACKEND = AttentionBackend()
 
 
 @dataclass
@@ -109,26 +111,12 @@ def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     return (plan_prefill if batch.is_prefill else plan_decode)(batch, block_size)
 
 
-def to_model_inputs(plan: StepPlan, device: torch.device) -> ModelInputs:
-    i32 = torch.int32
-    tables = plan.block_tables
-    if plan.is_prefill:
-        meta = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=to_device(plan.slot_mapping, i32, device),
-            cu_seqlens_q=to_device(plan.cu_seqlens_q, i32, device),
-            cu_seqlens_k=to_device(plan.cu_seqlens_k, i32, device),
-            max_seqlen_q=plan.max_seqlen_q,
-            max_seqlen_k=plan.max_seqlen_k,
-            block_tables=to_device(tables, i32, device) if tables is not None else None,
-        )
-    else:
-        meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=to_device(plan.slot_mapping, i32, device),
-            context_lens=to_device(plan.context_lens, i32, device),
-            block_tables=to_device(tables, i32, device),
-        )
+def to_model_inputs(
+    plan: StepPlan, device: torch.device, backend: AttentionBackend | None = None
+) -> ModelInputs:
+    """The device tensors of ``plan``; the attention metadata is built by ``backend`` (the
+    engine's attention backend; default: the paged layout every built-in backend reads)."""
+    meta = (backend or _DEFAULT_BACKEND).build_metadata(plan, device)
     if plan.logits_indices is None:
         logits_indices = torch.arange(len(plan.input_ids), device=device)
     else:

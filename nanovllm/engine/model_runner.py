@@ -1,4 +1,8 @@
-"""Runs the model for one scheduled batch: inputs, forward (eager, graph or pipelined), sampling."""
+"""Runs the model for one scheduled batch: inputs, forward, sampling.
+
+Prefill runs the model's forward eagerly; a pure-decode step goes to the decode strategy the
+runner is handed at start-up (``pipeline.strategy``): the sequential graph step, or the
+pipeline."""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanovllm.attention import GRAPH_SAFE, select_attention_backend
-from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.attention import AttentionMetadata, select_attention_backend
 from nanovllm.config import Config, RuntimeInfo
 from nanovllm.engine.cuda_graph import DecodeBuffers, DecodeGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_blocks_for
@@ -23,7 +26,8 @@ from nanovllm.engine.model_inputs import (
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models import model_class
+from nanovllm.pipeline.strategy import DecodeSetup, make_decode_strategy
 from nanovllm.utils.compile import enable_fusion
 from nanovllm.utils.distributed import synchronize_within, tensor_parallel
 from nanovllm.utils.loader import init_dummy_weights, load_model
@@ -52,7 +56,7 @@ class ModelRunner:
         self.world_size = config.tensor_parallel_size
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.workers = workers
-        self.graph_runner = self.pipeline = None
+        self.decode = None
         if workers is not None:
             # Also when the build fails midway: a graph captured so far holds its all-reduces.
             workers.before_leave = self.release_graphs
@@ -63,7 +67,7 @@ class ModelRunner:
             baseline_reserved = torch.cuda.memory_reserved(self.device)  # earlier engines
             torch.cuda.reset_peak_memory_stats(self.device)
         with _default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
-            self.model = Qwen3ForCausalLM(hf)
+            self.model = model_class(hf)(hf)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:
@@ -89,28 +93,8 @@ class ModelRunner:
         )
         if self.device.type == "cuda":
             self._warmup_paged_prefill()
-        self.graph_runner = None
-        self.decode_buffers = None
-        if self.device.type == "cuda":
-            max_blocks = -(-runtime.max_model_len // self.block_size)
-            self.decode_buffers = DecodeBuffers(
-                config.max_num_seqs, max_blocks, hf.hidden_size, self.dtype, self.device
-            )
-        use_graphs = (
-            self.device.type == "cuda"
-            and not config.enforce_eager
-            and self.backend.name in GRAPH_SAFE
-        )
-        if use_graphs:
-            self.graph_runner = DecodeGraphRunner(
-                self.model.forward, self.decode_buffers, config.max_num_seqs, "sequential"
-            )
-            self.graph_runner.capture()
-        elif self.device.type == "cuda":
-            why = "enforce_eager=True" if config.enforce_eager else f"{self.backend.name} backend"
-            logger.info("decode runs eagerly (%s)", why)
-        runtime.cuda_graphs = use_graphs
-        self.pipeline = self._make_pipeline()
+        self.decode = make_decode_strategy(config, self._decode_setup())
+        runtime.cuda_graphs = self.decode.statistics()["cuda_graphs"]
         if self.workers is not None:
             self.workers.end_step()  # an NCCL abort after a worker failure lets a build "finish"
 
@@ -124,10 +108,39 @@ class ModelRunner:
             logger.info("KV cache: %d blocks, the minimum over ranks", agreed)
         return agreed
 
-    def _make_pipeline(self):
-        from nanovllm.engine.pipeline_scheduler import PipelineScheduler
-
-        return PipelineScheduler.create(self)
+    def _decode_setup(self) -> DecodeSetup:
+        """Capture the sequential decode graphs (where the backend allows) and package what a
+        decode strategy runs on."""
+        cfg, hf = self.config, self.runtime.hf_config
+        graphs = buffers = None
+        if self.device.type == "cuda":
+            max_blocks = -(-self.runtime.max_model_len // self.block_size)
+            attention = self.backend.decode_buffers(cfg.max_num_seqs, max_blocks, self.device)
+            buffers = DecodeBuffers(
+                cfg.max_num_seqs, hf.hidden_size, self.dtype, self.device, attention
+            )
+            if cfg.enforce_eager or not self.backend.graph_safe:
+                why = "enforce_eager=True" if cfg.enforce_eager else f"{self.backend.name} backend"
+                logger.info("decode runs eagerly (%s)", why)
+            else:
+                graphs = DecodeGraphRunner(
+                    self.model.forward, buffers, cfg.max_num_seqs, "sequential"
+                )
+                graphs.capture()
+        return DecodeSetup(
+            model=self.model,
+            backend=self.backend,
+            device=self.device,
+            dtype=self.dtype,
+            max_num_seqs=cfg.max_num_seqs,
+            block_size=self.block_size,
+            num_kvcache_blocks=self.runtime.num_kvcache_blocks,
+            max_model_len=self.runtime.max_model_len,
+            k_cache=self.kv_cache[0, 0],
+            v_cache=self.kv_cache[1, 0],
+            graphs=graphs,
+            buffers=buffers,
+        )
 
     @torch.inference_mode()
     def _warmup(self) -> None:
@@ -156,7 +169,7 @@ class ModelRunner:
     def _warmup_paged_prefill(self) -> None:
         """A one-token prefill after a one-token cached prefix, the path of chunked prefill and
         prefix-cache hits: its kernels compile now, not inside the first request that takes it
-        (a second or more per Triton kernel on an H100). Writes nothing (slot -1)."""
+        (seconds per Triton kernel). Writes nothing (slot -1)."""
         i32 = dict(dtype=torch.int32, device=self.device)
         meta = AttentionMetadata(
             is_prefill=True,
@@ -175,20 +188,12 @@ class ModelRunner:
         """Final hidden states [num_tokens, hidden]."""
         if is_prefill:
             return self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        if self.pipeline.active:
-            return self.pipeline.run(inputs)
-        return self.run_sequential_decode(inputs)
-
-    def run_sequential_decode(self, inputs: ModelInputs) -> torch.Tensor:
-        """The whole-GPU decode step: graph replay where captured, else eager."""
-        if self.graph_runner is not None:
-            return self.graph_runner.run(inputs)
-        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.decode.run(inputs)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward of one step, on every rank alike; the sampling rows' logits, or None."""
-        inputs = to_model_inputs(plan, self.device)
+        inputs = to_model_inputs(plan, self.device, self.backend)
         hidden = self.run_model(inputs, plan.is_prefill)
         if not plan.sampling_rows:
             return None
@@ -218,21 +223,34 @@ class ModelRunner:
             tokens[row] = token
         return tokens
 
+    @property
+    def graph_runner(self):
+        """The sequential decode graphs (None: eager decode)."""
+        return self.decode.sequential.graphs if self.decode is not None else None
+
+    # -- the decode pipeline's user API (every strategy answers it) -------------------------
     def get_pipeline_statistics(self) -> dict:
-        return self.pipeline.statistics()
+        return self.decode.statistics()
 
     def print_pipeline_statistics(self) -> None:
-        self.pipeline.print_statistics()
+        self.decode.print_statistics()
+
+    def export_pipeline_trace(self, path: str) -> None:
+        """Write the stage intervals of recent pipelined steps as a Chrome/Perfetto trace
+        (needs ``pipeline_enable_profiling=True``)."""
+        self.decode.export_trace(path)
+
+    def adjust_sm_allocation(self, attention_sm_count: int, ffn_sm_count: int) -> tuple[int, int]:
+        """Re-partition the pipeline's SMs; returns the counts the driver granted."""
+        return self.decode.adjust_sm_allocation(attention_sm_count, ffn_sm_count)
 
     def release_graphs(self) -> None:
-        """Destroy the CUDA graphs (and the pipeline's). With tensor parallelism they contain NCCL
-        all-reduces, and NCCL's finalize or abort of the communicator waits, without a time
-        limit, until every such graph is gone: every rank calls this before leaving the group."""
-        if self.pipeline is not None:
-            self.pipeline.close()
-        if self.graph_runner is not None:
-            self.graph_runner.reset()
-        self.graph_runner = None
+        """Destroy the CUDA graphs (sequential and pipelined). With tensor parallelism they
+        contain NCCL all-reduces, and NCCL's finalize or abort of the communicator waits,
+        without a time limit, until every such graph is gone: every rank calls this before
+        leaving the group."""
+        if self.decode is not None:
+            self.decode.close()
 
     def close(self) -> bool:
         """Release the partitions, graphs, KV cache and weights (the runner is unusable after).
@@ -243,7 +261,6 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.close()
         self.release_graphs()
-        self.decode_buffers = None
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.k_cache = module.v_cache = torch.tensor([])

@@ -47,8 +47,8 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         # Admission keeps free blocks for the running sequences' next ``headroom_steps`` tokens.
         # Without it a full cache thrashes: a preempted sequence's freed blocks let it back in at
-        # once, it is recomputed, and the next decode step preempts it again (on bench.py's 8B
-        # workload, 587 preemptions recomputed 252k tokens: 30% more prefill work).
+        # once, it is recomputed, and the next decode step preempts it again: the recomputation
+        # costs more prefill work than the headroom costs in batch size.
         self.headroom_steps = headroom_steps
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()

@@ -1,17 +1,16 @@
 """Paged decode attention that streams K/V with the Hopper copy engine (TMA), for few-SM partitions.
 
-Why: on a green partition of 8-32 SMs the Triton decode kernel reads 53-59 GB/s per SM: it spends
-more instructions per byte (addresses, masks, layout conversions) than the SMs can issue while
-keeping enough loads in flight. The copy engine moves a whole [64 keys x 64 dims] box per
-instruction into shared memory and pulls about 130 GB/s per SM on 8-16 SMs
-(``benchmarks/sm_bandwidth.py``). Here a producer warp keeps ``stages`` K+V tiles in flight with
-TMA on full/empty mbarriers, and four warps do the math with ``mma.sync`` on tiles the copy engine
+Why: on a green partition of few SMs the Triton decode kernel is limited per SM: it spends more
+instructions per byte (addresses, masks, layout conversions) than the SMs can issue while keeping
+enough loads in flight. The copy engine moves a whole [64 keys x 64 dims] box per instruction
+into shared memory, so a few SMs keep many more bytes in flight. Here a producer warp keeps
+``stages`` K+V tiles in flight with TMA on full/empty mbarriers, and four warps do the math
+with ``mma.sync`` on tiles the copy engine
 wrote with the 128-byte swizzle (conflict-free ``ldmatrix``), each with its own online softmax
 over its 16 keys of every tile, merged at the end.
 
-Measured on an H100 (``PIPELINE_README.md``): 60-80 GB/s per SM on 8-32 SMs, 13-35% more than the
-Triton kernel, less from 64 SMs up; inside the pipeline not faster yet, so it is opt-in
-(``DecodeConfig.tma``, ``Config.pipeline_attention_kernel="tma"``).
+It reads more per SM than the Triton kernel on small partitions but not inside the pipeline
+(figures: benchmarks/RESEARCH.md), so it is opt-in (``Config.pipeline_attention_kernel="tma"``).
 
 Same contract as ``triton_attention.paged_decode_attention`` (and the same split-KV partials, so
 the Triton merge kernel finishes multi-split calls). Supported: CUDA sm_90+, bf16/fp16,

@@ -221,7 +221,7 @@ def _decode_split_kernel(
         # loop-invariant ([BLOCK_N, HEAD_DIM], hoisted), leaving one scalar add per tile for
         # the addresses. Full tiles load without masks; at most the last one is partial. This
         # halves the instructions per byte, which is what limits the kernel on a partition of
-        # few SMs (benchmarks/sm_bandwidth.py).
+        # few SMs.
         k_tile = k_cache_ptr + kvh * stride_kch + offs_t[:, None] * stride_kcs + offs_d[None, :]
         v_tile = v_cache_ptr + kvh * stride_vch + offs_t[:, None] * stride_vcs + offs_d[None, :]
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # empty split: start

@@ -1,13 +1,11 @@
 """A persistent GEMM whose grid is the SM budget: linear layers on a green partition.
 
-On an SM partition cuBLAS runs the kernel it picks for the whole GPU (the same ``nvjet`` kernel
-names with and without the SM-count hint, ``benchmarks/gemm_partition.py``): sized for every SM,
-it keeps 0.56-0.67 of its whole-GPU speed on 100-116 of 132 SMs for one micro-batch's Qwen3-8B
-layer GEMMs. This kernel launches one program per SM of the partition; each walks output tiles
-(grouped along M so programs running together share weight tiles in L2) and moves both operands
-and the result through TMA tensor descriptors. On an H100 it keeps 0.73-0.83 of its own speed
-there and takes 0.81-0.91 of cuBLAS's time on the partition (on the whole GPU it is 0.89-0.91 of
-cuBLAS's speed at 512 rows, 0.95-0.98 at 1024).
+On an SM partition cuBLAS runs the kernel it picks for the whole GPU (the same kernel with and
+without the SM-count hint): sized for every SM, it runs a half-empty last wave on a partition.
+This kernel launches one program per SM of the partition; each walks output tiles (grouped along
+M so programs running together share weight tiles in L2) and moves both operands and the result
+through TMA tensor descriptors, so it keeps more of its speed on a partition than cuBLAS (figures:
+benchmarks/RESEARCH.md).
 
 Where few output tiles meet a long K (the down projection) it splits K (``plan``): fp32 partial
 sums, added in a fixed order by a second kernel, so results stay deterministic.
@@ -26,8 +24,8 @@ import torch
 
 BLOCK_K = 64
 # The split-K choice models a program's time as k-iterations of one tile at about this many FLOP/s
-# per SM, and the extra pass over the fp32 partial sums at about this many bytes/s (H100 figures;
-# only their ratio matters).
+# per SM, and the extra pass over the fp32 partial sums at about this many bytes/s (Hopper-class
+# figures; only their ratio matters).
 FLOPS_PER_SM = 5e12
 SUM_BYTES_PER_S = 2e12
 MAX_SPLIT_K = 4
@@ -93,8 +91,8 @@ SPLIT_TILE = (128, 128, 4, 4)
 
 def tile_config(n: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) without split-K: 128 x 256 tiles, 8 warps, 3 stages where
-    N allows (the best or within 3% of it for every Qwen3-8B projection at 512 rows on
-    partitions of 100-116 SMs), else 128 x 128, 4 warps, 4 stages."""
+    N allows (chosen by sweeping the Qwen3-8B projections on large partitions), else 128 x 128,
+    4 warps, 4 stages."""
     return (128, 256, 8, 3) if n % 256 == 0 else SPLIT_TILE
 
 

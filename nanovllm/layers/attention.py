@@ -16,9 +16,10 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
         self.backend = None
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        """q [num_tokens, num_heads, d], k/v [num_tokens, num_kv_heads, d] -> [num_tokens, H*d]."""
-        backend = self.backend
+    def forward(self, q, k, v, meta: AttentionMetadata, backend=None) -> torch.Tensor:
+        """q [num_tokens, num_heads, d], k/v [num_tokens, num_kv_heads, d] -> [num_tokens, H*d].
+        ``backend`` overrides the engine's (the pipeline's kernel for its attention partition)."""
+        backend = backend or self.backend
         if self.k_cache.numel():  # empty during the warm-up pass that runs before allocation
             backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill:

@@ -1,15 +1,16 @@
 """Tensor-parallel linear layers. Each parameter carries a ``weight_loader`` that copies its shard
 out of a full Hugging Face tensor, so the loader stays model-agnostic.
 
-Inside ``bounded_gemms(num_sms)`` (the decode pipeline's FFN stage on its partition) the matmuls
-of at least ``BOUNDED_MIN_ROWS`` rows run on a persistent Triton GEMM of ``num_sms`` programs
-where it supports the operands (``kernels/triton_gemm.py``), cuBLAS elsewhere.
+Every layer's matmul goes through ``linear()``. Inside ``gemm_override(fn)`` it first offers the
+call to ``fn`` (for example the decode pipeline's GEMM bounded to its SM partition), which
+returns a result or None to leave the call to ``F.linear``. The override applies to the kernels
+issued (or captured into a CUDA graph) inside the block, on this thread only.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.utils.distributed import all_reduce, tp_rank, tp_world_size
+
+# (x, weight, bias) -> output, or None to use F.linear
+GemmOverride = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
@@ -27,32 +31,26 @@ def _check_shape(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         )
 
 
-# Below a few hundred rows the GEMMs are bound by reading the weights, and the bounded kernel's
-# programs, one per output tile at most (N / 256 of them up to 128 rows), would read them with too
-# few SMs: cuBLAS there.
-BOUNDED_MIN_ROWS = 256
-_gemm_sms: ContextVar[int | None] = ContextVar("nanovllm_gemm_sms", default=None)
+_override: ContextVar[GemmOverride | None] = ContextVar("nanovllm_gemm_override", default=None)
 
 
 @contextlib.contextmanager
-def bounded_gemms(num_sms: int | None) -> Iterator[None]:
-    """Within the block, linear layers run at most ``num_sms`` GEMM programs (None: no bound).
-    Applies to the kernels issued (or captured into a CUDA graph) inside it."""
-    token = _gemm_sms.set(num_sms)
+def gemm_override(fn: GemmOverride | None) -> Iterator[None]:
+    """Within the block, linear layers offer their matmul to ``fn`` first (None: no override)."""
+    token = _override.set(fn)
     try:
         yield
     finally:
-        _gemm_sms.reset(token)
+        _override.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or the bounded GEMM inside ``bounded_gemms`` where it applies."""
-    num_sms = _gemm_sms.get()
-    if num_sms is not None and bias is None and x.dim() == 2 and x.shape[0] >= BOUNDED_MIN_ROWS:
-        from nanovllm.kernels import triton_gemm
-
-        if triton_gemm.supported(x, weight) is None:
-            return triton_gemm.linear(x, weight, num_sms)
+    """``F.linear``, unless an override inside ``gemm_override`` takes the call."""
+    fn = _override.get()
+    if fn is not None:
+        out = fn(x, weight, bias)
+        if out is not None:
+            return out
     return F.linear(x, weight, bias)
 
 

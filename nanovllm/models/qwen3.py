@@ -1,13 +1,15 @@
 """Qwen3 for causal LM, module names following the Hugging Face checkpoint.
 
-Besides ``forward`` the model exposes its decode stages per layer, for a scheduler that runs them
-on separate streams:
+Besides ``forward`` each decoder layer exposes its stages, for a scheduler that runs them on
+separate streams:
 
-- ``forward_attention(l, ...)``: input RMSNorm (+ residual add), QKV, q/k norm, rotary, KV store,
+- ``forward_attention``: input RMSNorm (+ residual add), QKV, q/k norm, rotary, KV store,
   attention, o_proj;
-- ``forward_ffn(l, ...)``: post-attention RMSNorm (+ residual add), gate/up, SiLU-and-mul, down;
+- ``forward_ffn``: post-attention RMSNorm (+ residual add), gate/up, SiLU-and-mul, down;
 - the finer cut the pipeline uses: ``forward_qkv`` (norm, QKV, rotary), ``forward_attention_core``
   (KV store, attention: the memory-bound part) and ``forward_post_attention`` (o_proj + FFN).
+
+``Qwen3ForCausalLM`` implements the staged-decoder interface (``models/staged.py``) over them.
 
 ``forward()`` is exactly the composition of the stages: over the same rows both give bitwise
 identical results (micro-batches change GEMM row counts, hence rounding, not the math).
@@ -25,9 +27,8 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_theta_of
+from nanovllm.models.staged import AttentionShape, Hidden
 from nanovllm.utils.distributed import tp_world_size
-
-Hidden = tuple[torch.Tensor, torch.Tensor]  # (hidden_states, residual), each [num_tokens, hidden]
 
 
 class Qwen3Attention(nn.Module):
@@ -112,9 +113,9 @@ class Qwen3DecoderLayer(nn.Module):
         hidden_states, residual = self._input_norm(hidden_states, residual)
         return (*self.self_attn.project_qkv(positions, hidden_states), residual)
 
-    def forward_attention_core(self, q, k, v, meta) -> torch.Tensor:
+    def forward_attention_core(self, q, k, v, meta, backend=None) -> torch.Tensor:
         """KV store and attention -> [num_tokens, num_heads * d] (before o_proj)."""
-        return self.self_attn.attn(q, k, v, meta)
+        return self.self_attn.attn(q, k, v, meta, backend)
 
     def forward_post_attention(self, attn_out, residual) -> Hidden:
         """o_proj, then the FFN stage."""
@@ -140,21 +141,6 @@ class Qwen3Model(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
-
-    def forward_attention(self, layer: int, positions, hidden_states, residual, meta) -> Hidden:
-        return self.layers[layer].forward_attention(positions, hidden_states, residual, meta)
-
-    def forward_ffn(self, layer: int, hidden_states, residual) -> Hidden:
-        return self.layers[layer].forward_ffn(hidden_states, residual)
-
-    def forward_qkv(self, layer: int, positions, hidden_states, residual):
-        return self.layers[layer].forward_qkv(positions, hidden_states, residual)
-
-    def forward_attention_core(self, layer: int, q, k, v, meta) -> torch.Tensor:
-        return self.layers[layer].forward_attention_core(q, k, v, meta)
-
-    def forward_post_attention(self, layer: int, attn_out, residual) -> Hidden:
-        return self.layers[layer].forward_post_attention(attn_out, residual)
 
     def final_norm(self, hidden_states, residual) -> torch.Tensor:
         return self.norm(hidden_states, residual)[0]
@@ -185,30 +171,38 @@ class Qwen3ForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # -- the staged-decoder interface (models/staged.py) ------------------------------------
     @property
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    def embed(self, input_ids):
+    def attention_shape(self) -> AttentionShape:
+        attn = self.model.layers[0].self_attn
+        return AttentionShape(
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, self.config.hidden_size
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(input_ids)
 
-    def forward_attention(self, layer, positions, hidden_states, residual, meta) -> Hidden:
-        return self.model.forward_attention(layer, positions, hidden_states, residual, meta)
+    def qkv(self, layer: int, positions, hidden_states, residual):
+        return self.model.layers[layer].forward_qkv(positions, hidden_states, residual)
 
-    def forward_ffn(self, layer, hidden_states, residual) -> Hidden:
-        return self.model.forward_ffn(layer, hidden_states, residual)
+    def attend(self, layer: int, q, k, v, meta: AttentionMetadata, backend=None) -> torch.Tensor:
+        return self.model.layers[layer].forward_attention_core(q, k, v, meta, backend)
 
-    def forward_qkv(self, layer, positions, hidden_states, residual):
-        return self.model.forward_qkv(layer, positions, hidden_states, residual)
-
-    def forward_attention_core(self, layer, q, k, v, meta) -> torch.Tensor:
-        return self.model.forward_attention_core(layer, q, k, v, meta)
-
-    def forward_post_attention(self, layer, attn_out, residual) -> Hidden:
-        return self.model.forward_post_attention(layer, attn_out, residual)
+    def post_attention(self, layer: int, attn_out, residual) -> Hidden:
+        return self.model.layers[layer].forward_post_attention(attn_out, residual)
 
     def final_norm(self, hidden_states, residual) -> torch.Tensor:
         return self.model.final_norm(hidden_states, residual)
+
+    # The block-level split (attention block, FFN block) of layer ``layer``.
+    def forward_attention(self, layer: int, positions, hidden_states, residual, meta) -> Hidden:
+        return self.model.layers[layer].forward_attention(positions, hidden_states, residual, meta)
+
+    def forward_ffn(self, layer: int, hidden_states, residual) -> Hidden:
+        return self.model.layers[layer].forward_ffn(hidden_states, residual)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""

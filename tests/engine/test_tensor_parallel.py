@@ -259,7 +259,7 @@ def test_rank_0_drops_its_graphs_before_it_leaves_the_group(
     if how == "worker failure":
         monkeypatch.setenv(FAIL_ENV, "1:2")
     llm = llm_of(tiny_model)
-    llm.model_runner.graph_runner = FakeGraphs(events)
+    llm.model_runner.decode.sequential.graphs = FakeGraphs(events)
     if how == "exit":
         llm.exit()
         assert events == ["graphs destroyed", "left"]

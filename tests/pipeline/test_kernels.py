@@ -1,12 +1,13 @@
-"""Linear layers inside and outside ``bounded_gemms``: which GEMM runs, and that the bound ends
-with its block."""
+"""The FFN stage's GEMMs: linear layers inside and outside ``bounded_gemms`` (which GEMM runs,
+and that the bound ends with its block); the attention stage's kernel choice."""
 
 import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import triton_gemm
-from nanovllm.layers import linear as linear_mod
-from nanovllm.layers.linear import BOUNDED_MIN_ROWS, ReplicatedLinear, RowParallelLinear
+from nanovllm.layers.linear import ReplicatedLinear, RowParallelLinear
+from nanovllm.pipeline import kernels as linear_mod
+from nanovllm.pipeline.kernels import BOUNDED_MIN_ROWS
 
 
 def layers():

@@ -80,7 +80,7 @@ def default_attention_sm_count(total_sms: int, min_size: int, alignment: int) ->
     return max(target, green_ctx.round_sm_count(min_size, min_size, alignment))
 
 
-# The attention shares the automatic policy's split search tries (H100, 132 SMs: 24, 40, 64).
+# The attention shares the automatic policy's split search tries (of 132 SMs: 24, 40, 64).
 SEARCH_ATTENTION_FRACTIONS = (0.18, 0.30, 0.48)
 
 

@@ -2,15 +2,17 @@
 micro-batch's rows equal the model's plain forward on those rows, bit for bit, KV cache too."""
 
 import contextlib
+from dataclasses import replace
 
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.microbatch import microbatch_bounds
 from nanovllm.engine.model_inputs import prepare_decode
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.pipeline.microbatch import microbatch_bounds
+from nanovllm.pipeline.scheduler import PipelineOptions, PipelineScheduler
+from nanovllm.pipeline.strategy import SequentialDecode
 
 
 class SerialGreen:
@@ -19,15 +21,25 @@ class SerialGreen:
     attention_stream = ffn_stream = None
     attention_sms = ffn_sms = total_sms = 0
     generation = 0
+    available, reason = True, ""
 
     def cublas_sm_budget(self, stage):
         return contextlib.nullcontext()
 
-    def on_repartition(self, fn):
-        return fn
-
     def close(self):
         pass
+
+
+def pipeline_of(llm, green, **options):
+    """A PipelineScheduler over ``llm``'s model on ``green``, as ``make_decode_strategy`` builds
+    it on a GPU."""
+    runner = llm.model_runner
+    setup = runner._decode_setup()
+    sequential = SequentialDecode(setup.model, setup.graphs)
+    opts = PipelineOptions(
+        num_microbatches=llm.config.pipeline_num_microbatches, search_split=False, **options
+    )
+    return PipelineScheduler(setup, opts, green, sequential)
 
 
 def decode_batch(llm, lengths):
@@ -45,7 +57,7 @@ def decode_batch(llm, lengths):
 def test_pipelined_step_equals_forward_per_microbatch(tiny_model):
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, pipeline_num_microbatches=3)
     runner = llm.model_runner
-    pipe = PipelineScheduler(runner, "green", "", green=SerialGreen())
+    pipe = pipeline_of(llm, SerialGreen())
     inputs = decode_batch(llm, [5, 17, 33, 2, 64, 40, 9])
     # Give the cache real prefix contents so attention reads something.
     runner.kv_cache.normal_()
@@ -68,7 +80,7 @@ def test_pipelined_step_equals_forward_per_microbatch(tiny_model):
 @torch.inference_mode()
 def test_profiling_counters_without_cuda(tiny_model):
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
-    pipe = PipelineScheduler(llm.model_runner, "green", "", green=SerialGreen())
+    pipe = pipeline_of(llm, SerialGreen())
     inputs = decode_batch(llm, [3, 4, 5])
     hidden = pipe.run(inputs)
     assert hidden.shape == (3, llm.runtime.hf_config.hidden_size)
@@ -92,7 +104,7 @@ class RecordingGreen(SerialGreen):
 def test_rebalance_moves_sms_towards_the_slower_stage(tiny_model):
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
     green = RecordingGreen()
-    pipe = PipelineScheduler(llm.model_runner, "green", "", green=green)
+    pipe = pipeline_of(llm, green)
     pipe.stats.profiling = True
     pipe.stats.attention_ms, pipe.stats.ffn_ms, pipe.stats.step_ms = [3.0], [1.0], [3.2]
     assert pipe.rebalance() == (48, 84)  # attention took longer: it gets 8 more SMs
@@ -103,33 +115,30 @@ def test_rebalance_moves_sms_towards_the_slower_stage(tiny_model):
 
 
 @torch.inference_mode()
-def test_attention_stage_metadata_names_its_partition(tiny_model, monkeypatch):
-    """Each micro-batch's attention call carries the kernel chosen for the attention partition;
-    the plain forward never asks for the copy-engine kernel."""
+def test_attention_stage_runs_the_kernel_chosen_for_its_partition(tiny_model, monkeypatch):
+    """Each micro-batch's attention call goes to the backend chosen for the attention
+    partition; the plain forward keeps the engine's backend."""
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
     runner = llm.model_runner
 
     class Green24(SerialGreen):
         attention_sms = 24
 
-    pipe = PipelineScheduler(runner, "green", "", green=Green24())
-    assert pipe.attention_tma is False  # CPU: the copy-engine kernel needs an sm_90 GPU
+    pipe = pipeline_of(llm, Green24(), attention_kernel="tma")
+    # CPU: the copy-engine kernel needs the Triton backend and an sm_90 GPU
+    assert pipe.kernels.attention is runner.backend and pipe.kernels.attention_kernel == "torch"
+    assert pipe.statistics()["kernels"] == {"attention_stage": "torch", "ffn_stage_gemm": "triton"}
     seen = []
-    backend = runner.backend
-    decode = backend.decode
-    monkeypatch.setattr(
-        backend,
-        "decode",
-        lambda q, k, v, meta, scale: seen.append(meta.decode_tma) or decode(q, k, v, meta, scale),
-    )
+
+    class Partition(type(runner.backend)):
+        def decode(self, q, k, v, meta, scale):
+            seen.append("partition")
+            return super().decode(q, k, v, meta, scale)
+
+    pipe.kernels = replace(pipe.kernels, attention=Partition(), attention_kernel="tma")
     inputs = decode_batch(llm, [5, 17, 33])
     pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
     assert len(seen) == 2 * llm.runtime.hf_config.num_hidden_layers  # 2 micro-batches per layer
-    assert set(seen) == {False}
-    pipe.attention_tma = True  # as chosen on an sm_90 GPU
-    seen.clear()
-    pipe.step(inputs.input_ids, inputs.positions, inputs.meta)
-    assert set(seen) == {True}
     seen.clear()
     runner.model(inputs.input_ids, inputs.positions, inputs.meta)
-    assert set(seen) == {False}
+    assert seen == []

@@ -5,11 +5,10 @@ the current one changes. The same on a GPU, with real partitions: test_pipeline.
 import torch
 
 from nanovllm import LLM
-from nanovllm.engine import pipeline_policy as pp
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler
+from nanovllm.pipeline import policy as pp
 from tests.helpers import load_test_module
 
-sched = load_test_module("engine/test_pipeline_scheduler.py")
+sched = load_test_module("pipeline/test_decoder.py")
 
 
 class SplitGreen(sched.RecordingGreen):
@@ -48,14 +47,14 @@ def two_split_policy():
 
 def pipeline(tiny_model, made):
     llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, max_num_seqs=8)
-    pipe = PipelineScheduler(llm.model_runner, "green", "", green=SplitGreen())
+    pipe = sched.pipeline_of(llm, SplitGreen())
 
     def make_green(device, attention, ffn):
         made.append(SplitGreen(attention, ffn, available=made_available[0]))
         return made[-1]
 
     made_available = [True]
-    pipe.bucket_splits.make_green = make_green
+    pipe.make_green = make_green
     return llm, pipe, made_available
 
 
@@ -64,7 +63,7 @@ def test_each_bucket_runs_on_its_split(tiny_model):
     made = []
     llm, pipe, _ = pipeline(tiny_model, made)
     pipe.policy = two_split_policy()
-    pipe.bucket_splits.open(pipe.policy)
+    pipe.open_splits(pipe.policy)
     assert [(g.attention_sms, g.ffn_sms) for g in made] == [(24, 108)]
     layers = llm.runtime.hf_config.num_hidden_layers
     per_step = (layers + 1) * 2  # FFN stages per step: layers + 1, per micro-batch
@@ -78,8 +77,8 @@ def test_each_bucket_runs_on_its_split(tiny_model):
     stats = pipe.statistics()
     assert stats["bucket_splits"] == {2: "40/92", 4: "24/108"} and stats["steps"] == 2
     # re-partitioning the current split closes the others: the policy is re-measured
-    pipe._on_repartition(pipe.green)
-    assert made[0].closed and not pipe.bucket_splits.splits
+    pipe.repartition(40, 92)
+    assert made[0].closed and not pipe.splits.splits
     pipe.close()
 
 
@@ -89,8 +88,8 @@ def test_an_unavailable_split_hands_its_buckets_back(tiny_model):
     llm, pipe, available = pipeline(tiny_model, made)
     available[0] = False
     pipe.policy = two_split_policy()
-    pipe.bucket_splits.open(pipe.policy)
-    assert made[0].closed and not pipe.bucket_splits.splits
+    pipe.open_splits(pipe.policy)
+    assert made[0].closed and not pipe.splits.splits
     # bucket 4 now follows 40/92's own measurement of it
     assert pipe.policy.split(4) == (40, 92) and pipe.policy.measured[4]["pipelined_ms"] == 1.5
     pipe.run(sched.decode_batch(llm, [3, 4, 5, 6, 7]))

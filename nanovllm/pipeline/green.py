@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 
 import torch
 
 import green_ctx
 from green_ctx import GreenContextError, GreenSplit
-from nanovllm.engine.sm_budget import (
+from nanovllm.pipeline.sm_budget import (
     candidate_attention_sm_counts,
     default_attention_sm_count,
     set_cublas_sm_budget,
@@ -56,9 +55,10 @@ class GreenContextManager:
 
     Attributes: ``available``, ``reason`` ("" when available), ``total_sms``, ``attention_sms``,
     ``ffn_sms`` (actual counts, 0 when unavailable), ``attention_stream`` / ``ffn_stream``
-    (torch streams, None when unavailable or closed) and ``generation``, bumped by every
-    ``adjust_sm_allocation``: CUDA graphs captured on an older generation's streams must be
-    dropped and re-captured (``on_repartition`` callbacks are told when).
+    (torch streams, None when unavailable or closed) and ``generation``, the number of
+    re-partitions so far. CUDA graphs captured on a partition's streams must be dropped before
+    ``adjust_sm_allocation`` destroys them: the owner of the graphs does that first
+    (``PipelineScheduler.repartition``).
     """
 
     def __init__(
@@ -77,7 +77,6 @@ class GreenContextManager:
         self.reason = ""
         self.total_sms = 0
         self._split: GreenSplit | None = None
-        self._callbacks: list[Callable[[GreenContextManager], None]] = []
         self._closed = False
         self._min_partition = 1
         self._alignment = 1
@@ -209,14 +208,6 @@ class GreenContextManager:
         p = self._partition("ffn")
         return p.sm_count if p else 0
 
-    def on_repartition(
-        self, fn: Callable[[GreenContextManager], None]
-    ) -> Callable[[GreenContextManager], None]:
-        """Register ``fn(manager)``, called after each repartition while the old streams' contexts
-        still exist (so it can drop graphs captured on them). Usable as a decorator."""
-        self._callbacks.append(fn)
-        return fn
-
     def adjust_sm_allocation(
         self, attention_sm_count: int | None, ffn_sm_count: int | None
     ) -> tuple[int, int]:
@@ -224,9 +215,9 @@ class GreenContextManager:
 
         The new partitions are created before the old ones are destroyed, so a driver failure
         (raised as ``GreenContextError``) leaves the current partitions in place. On success
-        ``generation`` is bumped, the callbacks run, then the old streams are drained and
-        destroyed. Without green contexts it only validates and records the request.
-        Memory the caching allocator keeps for the old streams is freed by
+        ``generation`` is bumped, then the old streams are drained and destroyed. Without green
+        contexts it only validates and records the request. Memory the caching allocator keeps
+        for the old streams is freed by
         ``torch.cuda.empty_cache()``.
         """
         if self._closed:
@@ -243,12 +234,8 @@ class GreenContextManager:
         self.requested_attention_sm_count, self.requested_ffn_sm_count = a, f
         self.generation += 1
         self._log_split()
-        try:
-            for fn in list(self._callbacks):
-                fn(self)
-        finally:
-            if old is not None:
-                old.close()
+        if old is not None:
+            old.close()
         return self.attention_sms, self.ffn_sms
 
     def split_candidates(self) -> list[tuple[int, int]]:

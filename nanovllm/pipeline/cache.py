@@ -11,34 +11,15 @@ import hashlib
 import json
 import os
 
-import torch
 
-
-def cache_key(runner, attention_sms: int, ffn_sms: int, num_microbatches: int, context: int):
-    hf, cfg = runner.runtime.hf_config, runner.config
+def cache_key(identity: list[str], split: tuple[int, int], num_microbatches: int, context: int):
+    """(key, parts) of one split's calibration: ``identity`` names the card, software, model
+    shape and options that change the timings (``PipelineSetup.identity``)."""
     parts = [
-        torch.cuda.get_device_name(runner.device),
-        torch.__version__,
-        runner.backend.name,
-        str(runner.dtype),
-        *(
-            str(getattr(hf, k, None))
-            for k in (
-                "num_hidden_layers",
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-            )
-        ),
-        f"sms={attention_sms},{ffn_sms}",
+        *identity,
+        f"sms={split[0]},{split[1]}",
         f"m={num_microbatches}",
         f"ctx={context}",
-        f"graphs={runner.graph_runner is not None}",
-        f"max_num_seqs={cfg.max_num_seqs}",
-        f"attention_kernel={cfg.pipeline_attention_kernel}",
-        f"ffn_gemm={cfg.pipeline_ffn_gemm}",
     ]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], parts
 

@@ -1,4 +1,4 @@
-"""Tests for nanovllm/engine/green_manager.py and nanovllm/engine/sm_budget.py.
+"""Tests for nanovllm/pipeline/green.py and nanovllm/pipeline/sm_budget.py.
 
 CPU tests: validation messages, the unavailable path, the cuBLAS budget helper, and the
 partition policy / repartitioning against the fake driver from tests/test_green_ctx.py.
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from green_ctx import GreenContextError
-from nanovllm.engine import green_manager
-from nanovllm.engine.green_manager import GreenContextManager
-from nanovllm.engine.sm_budget import (
+from nanovllm.pipeline import green as green_manager
+from nanovllm.pipeline.green import GreenContextManager
+from nanovllm.pipeline.sm_budget import (
     candidate_attention_sm_counts,
     default_attention_sm_count,
     set_cublas_sm_budget,
@@ -207,16 +207,9 @@ def test_manager_validates_against_device(fake):
 def test_adjust_repartitions_and_bumps_generation(fake):
     manager = GreenContextManager(0, 40, None)
     old_streams = {manager.attention_stream.handle, manager.ffn_stream.handle}
-    seen = []
-
-    @manager.on_repartition
-    def callback(m):
-        # Runs while the old contexts still exist, so graphs on them can be dropped first.
-        seen.append((m.generation, m.attention_sms, m.ffn_sms))
-        assert len(fake.live_streams) == 4 and len(fake.live_ctx) == 4  # old + new
 
     assert manager.adjust_sm_allocation(64, None) == (64, 68)
-    assert manager.generation == 1 and seen == [(1, 64, 68)]
+    assert manager.generation == 1
     assert (manager.attention_sms, manager.ffn_sms) == (64, 68)
     assert not old_streams & fake.live_streams  # old streams destroyed
     assert len(fake.live_ctx) == 2 and len(fake.live_streams) == 2
@@ -224,11 +217,7 @@ def test_adjust_repartitions_and_bumps_generation(fake):
     assert fake.names("cuDevSmResourceSplit") == ["cuDevSmResourceSplitByCount"] * 2
 
     manager.adjust_sm_allocation(None, None)
-    assert (
-        manager.generation == 2
-        and len(seen) == 2
-        and (manager.attention_sms, manager.ffn_sms) == (40, 92)
-    )
+    assert manager.generation == 2 and (manager.attention_sms, manager.ffn_sms) == (40, 92)
     with pytest.raises(ValueError, match="pipeline_ffn_sm_count=0"):
         manager.adjust_sm_allocation(16, 0)
     assert manager.generation == 2
@@ -250,15 +239,6 @@ def test_adjust_failure_keeps_old_partitions(fake):
     assert manager.generation == 0 and manager.attention_stream is stream
     assert manager.available and (manager.attention_sms, manager.ffn_sms) == (40, 92)
     assert len(fake.live_ctx) == 2  # nothing leaked from the failed attempt
-    manager.close()
-
-
-def test_callback_error_still_destroys_old(fake):
-    manager = GreenContextManager(0, 40, None)
-    manager.on_repartition(lambda m: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        manager.adjust_sm_allocation(64, None)
-    assert len(fake.live_ctx) == 2 and manager.attention_sms == 64
     manager.close()
 
 
@@ -342,12 +322,10 @@ def test_gpu_manager_partitions_eager_and_in_one_graph():
 @pytest.mark.gpu
 def test_gpu_adjust_changes_partitions_and_generation():
     with GreenContextManager(0, 40, None) as manager:
-        calls = []
-        manager.on_repartition(lambda m: calls.append(m.generation))
         before = (manager.attention_sms, manager.ffn_sms)
         after = manager.adjust_sm_allocation(64, None)
         assert after != before and after == (manager.attention_sms, manager.ffn_sms)
-        assert manager.attention_sms == 64 and manager.generation == 1 and calls == [1]
+        assert manager.attention_sms == 64 and manager.generation == 1
         _check_partitions(manager)
 
 
