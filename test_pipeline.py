@@ -288,7 +288,7 @@ def test_gpu_graph_and_eager_pipelines_agree(piped_llm, gpu_model_06b):
 def stage_sm_ids(model):
     """Patch a %smid probe kernel into both stage bodies; yields {"attention", "ffn"} -> the
     sets of SM ids each stage ran on, filled in once the caller re-captured and replayed."""
-    from nanovllm.kernels.smid import smid_probe
+    from tests.smid import smid_probe
 
     seen = {
         "attention": torch.full((4096,), -1, dtype=torch.int32, device="cuda"),

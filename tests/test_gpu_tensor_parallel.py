@@ -148,6 +148,7 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     # A sharding error gives uncorrelated logits: a relative RMS difference near 1.4. Bound the
     # relative RMS per row and on average, the maximum loosely; clear winners must agree.
     agree = [True] * len(prompts)  # token prefixes equal so far: their logits are comparable
+    near_tie = [False] * len(prompts)  # met a step whose top two logits bf16 noise could swap
     compared, failures, rel = 0, [], []
     for step, (a, b) in enumerate(zip(logits_1, logits_2)):
         assert a.shape == b.shape
@@ -167,8 +168,10 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
                 failures.append(f"step {step}, prompt {row}: logits differ beyond bf16")
             compared += step > 0
             top2 = a[row].topk(2).values
-            if (top2[0] - top2[1]).item() > 2 * err and a[row].argmax() != b[row].argmax():
+            clear = (top2[0] - top2[1]).item() > 2 * err
+            if clear and a[row].argmax() != b[row].argmax():
                 failures.append(f"step {step}, prompt {row}: a clear winner lost")
+            near_tie[row] |= not clear
             agree[row] = one[row][step] == two[row][step]
     assert not failures, failures
     mean_rel = sum(rel) / len(rel)
@@ -176,23 +179,35 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     assert mean_rel < 0.08, mean_rel
     # Random weights give near-ties that bf16 rounding may flip; only clear winners must agree.
     same = sum(o == t for o, t in zip(one, two))
+    untied = sum(not t for t in near_tie)
     print(f"identical {STEPS}-token greedy outputs: {same} of {len(prompts)}")
+    print(f"sequences without a near-tie in any step: {untied}")
     print(f"decode-step rows compared: {compared}")
+    # No fixed fraction of identical outputs is justified here: the single-GPU tests' bounds
+    # (test_pipeline.py: all but 2; test_gpu_parity.py: half) hold for roundings far smaller
+    # than TP's, which on 2x H100 left 1-2 of 8 sequences identical (benchmarks/results/
+    # tp_*_8b_h100x2_*.log): a random model's top two logits are often closer than TP's
+    # difference (max |diff| about 5% of the largest logit). What is certain: when every
+    # step's top-two gap exceeds twice
+    # the largest logit difference, no rounding can swap them, so such a sequence is identical.
+    assert same >= untied, f"{same} identical outputs, {untied} sequences without a near-tie"
     assert compared > 0, "every sequence diverged at its first token: no decode step compared"
 
 
 FAILURE_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, os, sys, time
+    import functools, multiprocessing, sys, time
     from nanovllm import LLM, SamplingParams
-    from nanovllm.engine.tp_workers import FAIL_ENV, WorkerError
+    from nanovllm.engine import tp_workers
+    from nanovllm.engine.tp_workers import WorkerError
+    from tests.engine.tp_faults import REAL_WORKER_MAIN, fail_at_step
 
     if __name__ == "__main__":
         path = sys.argv[1]
         kw = dict(tensor_parallel_size=2, dtype="bfloat16", load_format="dummy",
                   max_num_seqs=8, max_model_len=512, num_kvcache_blocks=32)
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        os.environ[FAIL_ENV] = "1:3"
+        tp_workers._worker_main = functools.partial(fail_at_step, 1, 3)  # rank 1, third step
         llm = LLM(path, **kw)
         start = time.monotonic()
         try:
@@ -202,7 +217,7 @@ FAILURE_SCRIPT = textwrap.dedent(
             assert "injected failure in rank 1 at step 3" in str(e), str(e)
         print(f"failure surfaced and the group shut down in {time.monotonic() - start:.2f} s")
         assert not multiprocessing.active_children()
-        del os.environ[FAIL_ENV]
+        tp_workers._worker_main = REAL_WORKER_MAIN
         llm = LLM(path, **kw)  # a new group in the same process
         out = llm.generate([[1, 2, 3]] * 4, sp, use_tqdm=False)
         assert all(len(o["token_ids"]) == 8 for o in out)

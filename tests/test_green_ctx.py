@@ -444,7 +444,7 @@ SMID_ITERS = 20000
 
 def launch_smid(stream: torch.cuda.Stream, out: torch.Tensor) -> None:
     """Queue the %smid kernel on ``stream``, one block per element of ``out``."""
-    from nanovllm.kernels.smid import smid_probe
+    from tests.smid import smid_probe
 
     with torch.cuda.stream(stream):
         smid_probe(out, SMID_ITERS)

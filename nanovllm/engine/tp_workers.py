@@ -68,10 +68,6 @@ EXIT_TIMEOUT_S = 30
 SIGNAL_TIMEOUT_S = 5  # how long rank 0 waits for a worker after SIGTERM, and again after SIGKILL
 MONITOR_TIMEOUT_S = 5  # the monitor thread may be inside an NCCL abort: it is a daemon
 FAILURE_GRACE_S = 3  # how long rank 0 waits for a worker's traceback after its own error
-# Test hook: "RANK:STEP" makes worker RANK raise at its STEP-th step (0: before its model is built).
-FAIL_ENV = "NANOVLLM_TP_FAIL_AT"
-# Test hook: "RANK" makes worker RANK ignore SIGTERM and never leave when told to shut down.
-HANG_ENV = "NANOVLLM_TP_HANG_AT_EXIT"
 
 
 class WorkerError(RuntimeError):
@@ -109,6 +105,9 @@ class WorkerGroup:
             for rank in range(1, n):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
+                    # The module's ``_worker_main`` as it is now, at start: a picklable function
+                    # set in its place (one that spawn can import by name) runs in the worker
+                    # instead, e.g. to wrap it.
                     target=_worker_main,
                     args=(rank, n, self.port, config, runtime, child, log_level),
                     name=f"nanovllm-tp{rank}",
@@ -333,27 +332,12 @@ class WorkerGroup:
                     logger.warning("%s exited with code %s", p.name, p.exitcode)
 
 
-def _injected_failure(rank: int) -> int | None:
-    spec = os.environ.get(FAIL_ENV, "")
-    if not spec:
-        return None
-    fail_rank, step = (int(v) for v in spec.split(":"))
-    return step if fail_rank == rank else None
-
-
 def _exit_when_orphaned(parent_pid: int) -> None:
     """Worker thread: rank 0's process is gone (killed, or it crashed): exit now. A worker inside
     a collective would otherwise wait for rank 0 forever, holding its GPU."""
     while os.getppid() == parent_pid:
         time.sleep(0.5)
     os._exit(3)
-
-
-def _hang_at_exit() -> None:
-    """Test hook (HANG_ENV): a worker that never leaves and ignores SIGTERM."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    while True:
-        time.sleep(3600)
 
 
 def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, log_level) -> None:
@@ -379,15 +363,8 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, l
         wait = timedelta(seconds=START_TIMEOUT_S)  # rank 0 joins once every worker said hello
         store = dist.TCPStore("127.0.0.1", port, None, False, timeout=wait)
         init_process_group(rank, world_size, store, runtime.device)
-        fail_at = _injected_failure(rank)
-        if fail_at == 0:
-            raise RuntimeError(f"injected failure in rank {rank} at start-up ({FAIL_ENV})")
         runner = ModelRunner(config, runtime)
-        step = 0
         while (plan := conn.recv()) is not None:
-            step += 1
-            if step == fail_at:
-                raise RuntimeError(f"injected failure in rank {rank} at step {step} ({FAIL_ENV})")
             runner.execute(plan)
     except EOFError:
         os._exit(0)  # rank 0 is gone
@@ -399,8 +376,6 @@ def _worker_main(rank: int, world_size: int, port: int, config, runtime, conn, l
         sys.stderr.flush()
         # No clean-up: peers may be inside a collective with us, and exiting closes our sockets.
         os._exit(1)
-    if os.environ.get(HANG_ENV) == str(rank):
-        _hang_at_exit()
     # Shut down: graphs first (runner.close), as on rank 0, then leave; each step is bounded.
     code = 0
     try:

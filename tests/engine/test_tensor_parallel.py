@@ -7,6 +7,7 @@ so the next engine starts; Ctrl-C is rank 0's to handle; bad sizes are clear Val
 Shut-down is bounded: a worker that never leaves is killed, a process-group exit that blocks is
 left behind (logged), rank 0 drops its CUDA graphs before it leaves the group (on NCCL the
 finalize waits for them forever), and a worker whose rank 0 was killed exits by itself.
+Faults are installed inside a worker by tests/engine/tp_faults.py.
 """
 
 import gc
@@ -28,8 +29,9 @@ import torch.distributed as dist
 from conftest import hf_greedy, mixed_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import tp_workers
-from nanovllm.engine.tp_workers import FAIL_ENV, HANG_ENV, WorkerError
+from nanovllm.engine.tp_workers import WorkerError
 from nanovllm.utils import distributed
+from tests.engine.tp_faults import fail_at_step, hang_at_exit, inject
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +119,7 @@ def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, re
 
 def test_worker_failure_surfaces_with_traceback_and_cleans_up(tiny_model, reference, monkeypatch):
     prompts, expected = reference
-    monkeypatch.setenv(FAIL_ENV, "1:3")  # rank 1 raises at its third step
+    inject(monkeypatch, fail_at_step, 1, 3)  # rank 1 raises at its third step
     llm = llm_of(tiny_model)
     with pytest.raises(WorkerError) as info:
         llm.generate(prompts, greedy(), use_tqdm=False)
@@ -129,7 +131,7 @@ def test_worker_failure_surfaces_with_traceback_and_cleans_up(tiny_model, refere
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate(prompts, greedy(), use_tqdm=False)
     llm.exit()  # a second close is a no-op
-    monkeypatch.delenv(FAIL_ENV)
+    monkeypatch.undo()  # healthy workers again
     again = llm_of(tiny_model)  # the same process starts a new group
     assert tokens(again, prompts) == expected
     again.exit()
@@ -137,7 +139,7 @@ def test_worker_failure_surfaces_with_traceback_and_cleans_up(tiny_model, refere
 
 
 def test_worker_failure_at_start_up(tiny_model, monkeypatch):
-    monkeypatch.setenv(FAIL_ENV, "1:0")
+    inject(monkeypatch, fail_at_step, 1, 0)  # rank 1 raises while it builds its model
     with pytest.raises(WorkerError, match="(?s)worker rank 1 failed.*at start-up"):
         llm_of(tiny_model)
     assert not multiprocessing.active_children()
@@ -178,7 +180,7 @@ def test_sizes_that_do_not_divide_the_heads_are_value_errors(tiny_model, tp):
 
 def test_close_is_bounded_when_a_worker_never_leaves(tiny_model, reference, monkeypatch, caplog):
     prompts, expected = reference
-    monkeypatch.setenv(HANG_ENV, "1")  # rank 1 ignores None and SIGTERM: only SIGKILL stops it
+    inject(monkeypatch, hang_at_exit, 1)  # rank 1 ignores None and SIGTERM: only SIGKILL stops it
     monkeypatch.setattr(tp_workers, "EXIT_TIMEOUT_S", 1)
     monkeypatch.setattr(tp_workers, "SIGNAL_TIMEOUT_S", 2)
     llm = llm_of(tiny_model)
@@ -257,7 +259,7 @@ def test_rank_0_drops_its_graphs_before_it_leaves_the_group(
 
     monkeypatch.setattr(tp_workers, "leave_process_group", leave)
     if how == "worker failure":
-        monkeypatch.setenv(FAIL_ENV, "1:2")
+        inject(monkeypatch, fail_at_step, 1, 2)
     llm = llm_of(tiny_model)
     llm.model_runner.decode.sequential.graphs = FakeGraphs(events)
     if how == "exit":
@@ -273,13 +275,14 @@ def test_rank_0_drops_its_graphs_before_it_leaves_the_group(
 
 ORPHAN_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, os, sys
+    import functools, multiprocessing, os, sys
     from nanovllm import LLM
     from nanovllm.engine import tp_workers
+    from tests.engine.tp_faults import hang_at_exit
 
     if __name__ == "__main__":
         path, pid_file = sys.argv[1], sys.argv[2]
-        os.environ[tp_workers.HANG_ENV] = "1"
+        tp_workers._worker_main = functools.partial(hang_at_exit, 1)
         tp_workers.EXIT_TIMEOUT_S = 600
         llm = LLM(path, device="cpu", tensor_parallel_size=2)
         (worker,) = multiprocessing.active_children()
