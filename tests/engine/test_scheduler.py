@@ -158,7 +158,7 @@ def test_preempted_sequences_finish_with_all_their_tokens():
     assert sched.block_manager.num_free_blocks == 4
 
 
-def test_lone_sequence_that_cannot_grow_ends_with_length():
+def test_lone_sequence_that_cannot_grow_is_aborted_not_cut_as_length():
     sched = make_scheduler(num_blocks=1)
     seq = make_seq(10, max_tokens=100, ignore_eos=True)
     sched.add(seq)
@@ -167,7 +167,8 @@ def test_lone_sequence_that_cannot_grow_ends_with_length():
             break
         step(sched)
     assert sched.is_finished(), "a sequence that cannot fit must end, not hang"
-    assert seq.finish_reason == "length"
+    # never "length": that would pass for a complete answer (the engine refuses such requests)
+    assert seq.finish_reason == "abort"
     # 16 tokens of K/V fit; the 17th (sampled last) needs a block that does not exist
     assert len(seq) == BS + 1
     assert seq.num_preemptions == 0
