@@ -6,6 +6,7 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +37,9 @@ from nanovllm.utils.hf import (
     resolve_device,
     resolve_dtype,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +149,7 @@ class LLMEngine:
                 "new LLM to generate again"
             )
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         """The checkpoint's Hugging Face tokenizer (None with ``skip_tokenizer_init=True``)."""
         return self.tokenizer
 

@@ -9,7 +9,7 @@ from nanovllm.engine.sequence import Sequence
 class StopStringChecker:
     """``checker(seq)`` is the stop string that ``seq``'s last token completed, or None."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def _decode(self, token_ids: list[int]) -> str:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ def check_model_folder(path: str) -> None:
         )
 
 
-def load_tokenizer(path: str, skip_tokenizer_init: bool = False):
+def load_tokenizer(path: str, skip_tokenizer_init: bool = False) -> PreTrainedTokenizerBase | None:
     """The checkpoint's tokenizer, or None with ``skip_tokenizer_init`` (token ids only).
     Without tokenizer files transformers returns an empty tokenizer: that is an error here."""
     if skip_tokenizer_init:
