@@ -28,6 +28,7 @@ class Config:
     attention_backend: str = "auto"
     load_format: str = "auto"
     seed: int = 0
+    skip_tokenizer_init: bool = False
     enable_pipeline: bool = False
     pipeline_attention_sm_count: int | None = None
     pipeline_ffn_sm_count: int | None = None
@@ -91,6 +92,7 @@ class Config:
         for name in (
             "enforce_eager",
             "enable_prefix_caching",
+            "skip_tokenizer_init",
             "enable_pipeline",
             "pipeline_enable_profiling",
         ):

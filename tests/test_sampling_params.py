@@ -1,5 +1,6 @@
 """SamplingParams: defaults, and every invalid value is a ValueError naming field and value."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,8 +14,9 @@ def test_defaults():
     assert sp.top_k == 0 and sp.top_p == 1.0
     assert sp.max_tokens == 64
     assert sp.ignore_eos is False
-    assert sp.stop_token_ids == []
-    assert SamplingParams().stop_token_ids is not sp.stop_token_ids  # no shared default list
+    assert sp.stop_token_ids == () and sp.stop == ()
+    assert sp.min_tokens == 0 and sp.seed is None and sp.logprobs is None
+    assert sp.include_stop_str_in_output is False
 
 
 def test_temperature_zero_is_allowed_and_ints_are_coerced():
@@ -32,9 +34,27 @@ def test_valid_values():
         ignore_eos=True,
         stop_token_ids=(3, 5),
     )
-    assert sp.stop_token_ids == [3, 5]  # a tuple is accepted and stored as a list
+    assert sp.stop_token_ids == (3, 5)  # stored as a tuple: the params are immutable
     assert sp.top_k == 50 and sp.top_p == 0.9 and sp.max_tokens == 1 and sp.ignore_eos
-    assert SamplingParams(stop_token_ids=None).stop_token_ids == []  # as in vLLM
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == ()  # as in vLLM
+    assert SamplingParams(stop_token_ids=[3]).stop_token_ids == (3,)
+    assert SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(stop=["a", "bc"], seed=7, logprobs=2).stop == ("a", "bc")
+    assert SamplingParams(min_tokens=4, max_tokens=4).min_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "field,value", [("max_tokens", 0), ("temperature", -1.0), ("stop_token_ids", (1,))]
+)
+def test_frozen_after_validation(field, value):
+    sp = SamplingParams(max_tokens=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(sp, field, value)
+    assert sp.max_tokens == 5 and sp.temperature == 1.0 and sp.stop_token_ids == ()
+    # the way to change one: a new, validated copy
+    assert dataclasses.replace(sp, max_tokens=2).max_tokens == 2
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        dataclasses.replace(sp, max_tokens=0)
 
 
 INVALID = [
@@ -68,6 +88,19 @@ INVALID = [
     ("stop_token_ids", "12"),
     ("ignore_eos", "no"),
     ("ignore_eos", None),
+    ("min_tokens", -1),
+    ("min_tokens", 65),  # more than max_tokens (64)
+    ("min_tokens", 1.0),
+    ("stop", [""]),
+    ("stop", [1]),
+    ("stop", 5),
+    ("include_stop_str_in_output", 1),
+    ("seed", 1.5),
+    ("seed", "1"),
+    ("seed", True),
+    ("logprobs", -1),
+    ("logprobs", 2.0),
+    ("logprobs", True),
 ]
 
 

@@ -5,24 +5,43 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from nanovllm.config import Config, RuntimeInfo, check_tensor_parallel
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.requests import (
+    Limits,
+    Prompt,
+    as_params_list,
+    as_prompt_list,
+    check_fits,
+    check_params,
+    encode_prompt,
+    make_output,
+)
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.stop_strings import StopStringChecker
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.hf import eos_token_ids, resolve_device, resolve_dtype
+from nanovllm.utils.hf import (
+    check_model_folder,
+    check_supported_config,
+    eos_token_ids,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int]
 
 
 class LLMEngine:
@@ -38,7 +57,9 @@ class LLMEngine:
                 f"{sorted(Config.field_names() - {'model'})}"
             )
         self.config = config = Config(model, **kwargs)
+        check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
+        check_supported_config(hf_config)
         device = resolve_device(config.device)
         max_model_len = min(config.max_model_len, hf_config.max_position_embeddings)
         self.runtime = RuntimeInfo(
@@ -50,8 +71,11 @@ class LLMEngine:
         )
         check_tensor_parallel(config, hf_config, device)
         torch.manual_seed(config.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model, config.skip_tokenizer_init)
         self.model_runner = self._start_model_runner()
+        self.limits = self._kv_cache_limits(max_model_len)
+        max_model_len = self.runtime.max_model_len
+        self._stop_checker = StopStringChecker(self.tokenizer)
         self.scheduler = Scheduler(
             BlockManager(
                 self.runtime.num_kvcache_blocks,
@@ -62,7 +86,9 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
             eos_token_ids=self.runtime.eos_token_ids,
+            stop_checker=self._stop_checker if self.tokenizer is not None else None,
         )
+        self._closed = False
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, self.model_runner.close)
 
@@ -81,52 +107,67 @@ class LLMEngine:
         except BaseException as e:
             raise workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
 
+    def _kv_cache_limits(self, max_model_len: int) -> Limits:
+        """A KV cache smaller than one max_model_len sequence lowers the effective
+        max_model_len (with a warning); requests that can never fit are refused when added."""
+        bs, blocks = self.config.kvcache_block_size, self.runtime.num_kvcache_blocks
+        capacity = bs * blocks
+        if capacity < max_model_len:
+            logger.warning(
+                "the KV cache (%d blocks of %d = %d tokens) cannot hold one max_model_len=%d "
+                "sequence: max_model_len is lowered to %d, and requests whose prompt + max_tokens "
+                "exceed it are refused; raise num_kvcache_blocks or gpu_memory_utilization, or "
+                "lower max_model_len, to silence this",
+                blocks,
+                bs,
+                capacity,
+                max_model_len,
+                capacity,
+            )
+            self.runtime.max_model_len = capacity
+        return Limits(
+            vocab_size=self.runtime.hf_config.vocab_size,
+            max_model_len=self.runtime.max_model_len,
+            requested_max_model_len=max_model_len,
+            kv_cache_tokens=capacity,
+            num_kv_blocks=blocks,
+            block_size=bs,
+        )
+
     def exit(self) -> None:
-        """Free the GPU memory and green contexts now; stop tensor-parallel workers."""
+        """Free the GPU memory and green contexts now; stop tensor-parallel workers. The engine
+        cannot generate afterwards: create a new LLM."""
+        self._closed = True
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()
 
-    # ----------------------------------------------------------------- requests
-    def _encode(self, index: int, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
-        else:
-            raise ValueError(
-                f"prompts[{index}] is a {type(prompt).__name__}: give a str or a list of int "
-                "token ids"
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(
+                "this LLM was shut down by exit() (its model and KV cache are freed): create a "
+                "new LLM to generate again"
             )
-        if not token_ids:
-            raise ValueError(f"prompts[{index}] is empty: give at least one token")
-        vocab = self.runtime.hf_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"prompts[{index}] has token id {bad[0]} outside the vocabulary [0, {vocab}): "
-                "use ids from this model's tokenizer"
-            )
-        max_len = self.runtime.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(
-                f"prompts[{index}] has {len(token_ids)} tokens, which leaves no room to generate "
-                f"within max_model_len={max_len}: shorten the prompt or raise max_model_len"
-            )
-        bs = self.config.kvcache_block_size
-        needed = (len(token_ids) + 1 + bs - 1) // bs
-        if needed > self.runtime.num_kvcache_blocks:
-            raise ValueError(
-                f"prompts[{index}] needs {needed} KV blocks but the cache has only "
-                f"{self.runtime.num_kvcache_blocks}: raise num_kvcache_blocks or "
-                "gpu_memory_utilization, or shorten the prompt"
-            )
-        return token_ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> Sequence:
-        seq = Sequence(self._encode(index, prompt), params, self.config.kvcache_block_size)
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The checkpoint's Hugging Face tokenizer (None with ``skip_tokenizer_init=True``)."""
+        return self.tokenizer
+
+    # ----------------------------------------------------------------- requests
+    def _make_sequences(self, prompts: list, params: list[SamplingParams]) -> list[Sequence]:
+        """Every request checked before any is queued, so a bad one leaves nothing behind."""
+        self._check_open()
+        tok, limits = self.tokenizer, self.limits
+        encoded = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            check_params(i, sp, tok, limits.vocab_size)
+            encoded.append(encode_prompt(i, prompt, tok, limits))
+            check_fits(i, len(encoded[-1]), sp, limits)
+        bs = self.config.kvcache_block_size
+        return [Sequence(ids, sp, bs) for ids, sp in zip(encoded, params)]
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        (seq,) = self._make_sequences([prompt], [params])
         self.scheduler.add(seq)
         return seq
 
@@ -153,43 +194,14 @@ class LLMEngine:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        """Outputs in input order: {"text", "token_ids", "finish_reason"} per prompt."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        elif isinstance(prompts, (Mapping, bytes)) or not isinstance(prompts, Iterable):
-            raise ValueError(
-                f"prompts is a {type(prompts).__name__}: give a str, a list of int token ids, "
-                "or a list of those"
-            )
-        prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        elif isinstance(sampling_params, (Mapping, str, bytes)) or not isinstance(
-            sampling_params, Iterable
-        ):
-            raise ValueError(
-                f"sampling_params is a {type(sampling_params).__name__}: give one "
-                "SamplingParams, or a list with one per prompt"
-            )
-        sampling_params = list(sampling_params)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(
-                f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts: "
-                "give one SamplingParams, or one per prompt"
-            )
-        for i, sp in enumerate(sampling_params):
-            if not isinstance(sp, SamplingParams):
-                raise ValueError(
-                    f"sampling_params[{i}] is a {type(sp).__name__}: give a SamplingParams"
-                )
-        # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
-        encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
-        bs = self.config.kvcache_block_size
-        seqs = [Sequence(ids, sp, bs) for ids, sp in zip(encoded, sampling_params)]
+        """One output per prompt, in input order: {"text", "token_ids", "finish_reason"}
+        ("stop" or "length"), plus "stop_reason" (the stop string that ended it) and "logprobs"
+        (with SamplingParams.logprobs). A bad prompt or SamplingParams raises a ValueError
+        naming it before anything is queued."""
+        self._check_open()
+        prompts = as_prompt_list(prompts)
+        sampling_params = as_params_list(sampling_params, len(prompts))
+        seqs = self._make_sequences(prompts, sampling_params)
         for seq in seqs:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -218,7 +230,7 @@ class LLMEngine:
             raise
         finally:
             bar.close()
-        return [self._output(seq) for seq in seqs]
+        return [make_output(seq, self.tokenizer, self._stop_checker) for seq in seqs]
 
     def _abort(self) -> None:
         """Drop every queued or running request (after an exception), freeing their blocks."""
@@ -226,11 +238,3 @@ class LLMEngine:
         for seq in list(s.running):
             s.finish(seq, "abort")
         s.waiting.clear()
-
-    def _output(self, seq: Sequence) -> dict:
-        token_ids = seq.completion_token_ids
-        return {
-            "text": self.tokenizer.decode(token_ids, skip_special_tokens=True),
-            "token_ids": token_ids,
-            "finish_reason": seq.finish_reason,
-        }

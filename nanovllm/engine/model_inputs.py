@@ -8,13 +8,14 @@ step (prefill or decode, the same rows) by construction.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from nanovllm.attention import AttentionBackend, AttentionMetadata
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.sampler import SamplingTensors
+from nanovllm.layers.sampler import SamplingTensors, row_seed
 from nanovllm.utils.tensors import to_device
 
 _DEFAULT_BACKEND = AttentionBackend()
@@ -138,12 +139,28 @@ def prepare_decode(batch: ScheduledBatch, block_size: int, device: torch.device)
     return to_model_inputs(plan_decode(batch, block_size), device)
 
 
-def prepare_sampling(batch: ScheduledBatch, rows: list[int], device: torch.device):
-    """The sampling parameters of the rows that sample this step."""
-    params = [batch.seqs[i].params for i in rows]
+def prepare_sampling(
+    batch: ScheduledBatch,
+    rows: list[int],
+    device: torch.device,
+    eos_token_ids: Collection[int] = (),
+) -> SamplingTensors:
+    """The sampling parameters of the rows that sample this step: per-request seeds keyed by
+    the token's index, and the EOS / stop ids a row may not sample before its ``min_tokens``."""
+    seqs = [batch.seqs[i] for i in rows]
+    params = [seq.params for seq in seqs]
+    seeds, banned = [], []
+    for j, (seq, p) in enumerate(zip(seqs, params)):
+        step = seq.num_completion_tokens
+        seeds.append(-1 if p.seed is None else row_seed(p.seed, step))
+        if step < p.min_tokens:
+            ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            banned.append((j, sorted(ids)))
     return SamplingTensors.build(
         [p.temperature for p in params],
         [p.top_k for p in params],
         [p.top_p for p in params],
         device,
+        row_seeds=seeds,
+        banned=banned,
     )

@@ -25,7 +25,7 @@ from nanovllm.engine.model_inputs import (
 )
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.models import model_class
 from nanovllm.pipeline.strategy import DecodeSetup, make_decode_strategy
 from nanovllm.utils.compile import enable_fusion
@@ -217,10 +217,15 @@ class ModelRunner:
         tokens: list[int | None] = [None] * len(batch.seqs)
         if logits is None:
             return tokens
-        params = prepare_sampling(batch, plan.sampling_rows, self.device)
-        sampled = self.sampler(logits, params, generator=self.generator).tolist()
-        for row, token in zip(plan.sampling_rows, sampled):
+        rows = plan.sampling_rows
+        params = prepare_sampling(batch, rows, self.device, self.runtime.eos_token_ids)
+        sampled_t = self.sampler(logits, params, generator=self.generator)
+        for row, token in zip(rows, sampled_t.tolist()):
             tokens[row] = token
+        wanted = [(j, batch.seqs[r].params.logprobs) for j, r in enumerate(rows)]
+        wanted = [(j, n) for j, n in wanted if n is not None]
+        for (j, _), entry in zip(wanted, top_logprobs(logits, sampled_t, wanted)):
+            batch.seqs[rows[j]].logprobs.append(entry)  # the token's own entry
         return tokens
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm.engine.block_manager import BlockManager
@@ -39,12 +40,15 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: set[int],
         headroom_steps: int = 32,
+        stop_checker: Callable[[Sequence], str | None] | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        # The stop string a sequence's last token completed (SamplingParams.stop), or None.
+        self.stop_checker = stop_checker
         # Admission keeps free blocks for the running sequences' next ``headroom_steps`` tokens.
         # Without it a full cache thrashes: a preempted sequence's freed blocks let it back in at
         # once, it is recomputed, and the next decode step preempts it again: the recomputation
@@ -110,10 +114,12 @@ class Scheduler:
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:
                     # Alone and still no room: the KV cache cannot hold this sequence longer.
-                    self.finish(seq, "length")
+                    # The engine refuses such requests up front, so this is a safety net: the
+                    # sequence ends as "abort", never as a "length" it did not reach.
+                    self.finish(seq, "abort")
                     self._finished_while_scheduling.append(seq)
-                    logger.warning(
-                        "sequence %d ended at %d tokens: the KV cache (%d blocks) is full",
+                    logger.error(
+                        "sequence %d aborted at %d tokens: the KV cache (%d blocks) is full",
                         seq.seq_id,
                         len(seq),
                         self.block_manager.num_blocks,
@@ -168,9 +174,17 @@ class Scheduler:
                 continue
             seq.token_ids.append(token_id)
             p = seq.params
-            if (not p.ignore_eos and token_id in self.eos_token_ids) or (
-                token_id in p.stop_token_ids
+            may_stop = seq.num_completion_tokens > p.min_tokens  # (the sampler masks them too)
+            if may_stop and (
+                (not p.ignore_eos and token_id in self.eos_token_ids)
+                or token_id in p.stop_token_ids
             ):
+                self.finish(seq, "stop")
+            elif p.stop and self.stop_checker is not None and self._stop_string(seq):
                 self.finish(seq, "stop")
             elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
                 self.finish(seq, "length")
+
+    def _stop_string(self, seq: Sequence) -> bool:
+        seq.stop_reason = self.stop_checker(seq)
+        return seq.stop_reason is not None

@@ -34,6 +34,9 @@ class Sequence:
         self.last_hash = -1
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # One dict per generated token (SamplingParams.logprobs), filled by the sampling step.
+        self.logprobs: list[dict[int, float]] = []
+        self.stop_reason: str | None = None  # the stop string that ended generation
 
     def __len__(self) -> int:
         return len(self.token_ids)

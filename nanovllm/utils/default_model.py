@@ -55,8 +55,22 @@ _CORPUS = (
 )
 
 
+# Qwen's ChatML format: <|im_start|>role\ncontent<|im_end|>\n per message, then the assistant's
+# turn opened when add_generation_prompt is set.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Bump when the built-in model's files change, so caches of an older one are not reused.
+DEFAULT_MODEL_VERSION = 2
+
+
 def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on a built-in corpus (no download)."""
+    """A byte-level BPE tokenizer trained on a built-in corpus (no download), with ChatML's
+    special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,12 +79,18 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 8, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_random_qwen3(
@@ -140,7 +160,7 @@ def _rewrite_hub_style(config_path: str) -> None:
 def default_model_path() -> str:
     """The built-in default: a tiny random Qwen3, made on first use and cached on disk."""
     root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
-    path = os.path.join(root, "nanovllm", "tiny-random-qwen3")
+    path = os.path.join(root, "nanovllm", f"tiny-random-qwen3-v{DEFAULT_MODEL_VERSION}")
     if not os.path.exists(os.path.join(path, "config.json")):
         logger.info("no model given: creating a tiny random-weight Qwen3 at %s", path)
         tmp = f"{path}.tmp-{os.getpid()}"

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
@@ -36,9 +36,16 @@ def load_model(model: nn.Module, path: str) -> None:
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
-            with safe_open(file, "pt", "cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            try:
+                with safe_open(file, "pt", "cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except (OSError, RuntimeError, SafetensorError) as e:
+                raise ValueError(
+                    f"cannot read {file!r} ({type(e).__name__}: {e}): the file is truncated or "
+                    "corrupted; download it again (compare its size and checksum with the "
+                    "original)"
+                ) from e
 
     load_weights(model, tensors(), f"the checkpoint at {path!r}")
 

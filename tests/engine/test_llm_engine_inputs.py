@@ -7,6 +7,7 @@ from conftest import hf_greedy
 from nanovllm import LLM, SamplingParams
 
 BS, NUM_BLOCKS, MAX_LEN, MAX_NEW = 16, 2, 48, 6
+CACHE_TOKENS = BS * NUM_BLOCKS
 GOOD = [5, 17, 200, 3, 99, 42, 7, 300, 11, 64]
 
 
@@ -44,15 +45,27 @@ def assert_clean_and_working(llm, expected):
 BAD_PROMPTS = {
     "empty_list": ([], ["prompts[1]", "empty", "at least one token"]),
     "empty_text": ("", ["prompts[1]", "empty", "at least one token"]),
-    "id_equal_to_vocab": ([1, 434, 2], ["prompts[1]", "434", "[0, 434)", "tokenizer"]),
+    "id_equal_to_vocab": ([1, 436, 2], ["prompts[1]", "436", "[0, 436)", "tokenizer"]),
     "negative_id": ([1, -1], ["prompts[1]", "-1", "tokenizer"]),
+    # the 2-block cache holds 32 tokens: max_model_len 48 is lowered to 32 at start-up
     "too_long": (
-        list(range(1, MAX_LEN + 1)),
-        ["prompts[1]", f"{MAX_LEN} tokens", f"max_model_len={MAX_LEN}", "shorten the prompt"],
+        list(range(1, CACHE_TOKENS + 1)),
+        [
+            "prompts[1]",
+            f"{CACHE_TOKENS} tokens",
+            f"max_model_len={CACHE_TOKENS} (lowered from {MAX_LEN}",
+            "shorten the prompt",
+        ],
     ),
     "more_kv_than_cache": (
-        list(range(1, 41)),  # 40 tokens + 1 generated need 3 blocks of 16; the cache has 2
-        ["prompts[1]", "3 KV blocks", f"only {NUM_BLOCKS}", "num_kvcache_blocks"],
+        list(range(1, 31)),  # 30 tokens + max_tokens 6 = 36 > the cache's 32: never fits
+        [
+            "prompts[1]",
+            "30 prompt tokens + max_tokens=6 need 36 tokens (3 KV blocks of 16)",
+            f"only {NUM_BLOCKS} blocks ({CACHE_TOKENS} tokens)",
+            "lower max_tokens",
+            "num_kvcache_blocks",
+        ],
     ),
     "float": (3.5, ["prompts[1]", "float", "str or a list of int"]),
     "none": (None, ["prompts[1]", "NoneType", "str or a list of int"]),
@@ -76,10 +89,28 @@ def test_bad_prompt_after_a_good_one(llm, expected, case):
 
 def test_longest_prompt_that_fits_generates(llm):
     # max_model_len - 1 tokens leave room for exactly one new token
-    prompt = list(range(1, 32))  # 31 tokens + 1 = 2 blocks: fits the 2-block cache too
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
-    assert len(out["token_ids"]) >= 1 and out["finish_reason"] in ("length", "stop")
+    prompt = list(range(1, 32))  # 31 tokens + 1 = 2 blocks: fits the 2-block cache exactly
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    out = llm.generate([prompt], sp, use_tqdm=False)[0]
+    assert len(out["token_ids"]) == 1 and out["finish_reason"] == "length"
     assert not llm.scheduler.waiting and not llm.scheduler.running
+
+
+def test_request_that_can_never_fit_is_refused_not_cut_short(tiny_model, caplog):
+    # The cache holds 32 tokens, max_model_len stays at its default 4096: a start-up warning.
+    with caplog.at_level("WARNING", logger="nanovllm.engine.llm_engine"):
+        small = LLM(tiny_model, device="cpu", kvcache_block_size=BS, num_kvcache_blocks=2)
+    assert "cannot hold one max_model_len=4096" in caplog.text and "lowered to 32" in caplog.text
+    assert small.runtime.max_model_len == CACHE_TOKENS
+    prompt = list(range(1, 21))
+    with pytest.raises(ValueError) as info:
+        small.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    msg = str(info.value)
+    assert "prompts[0] can never fit" in msg and "20 prompt tokens + max_tokens=40" in msg
+    assert not small.scheduler.waiting and not small.scheduler.running
+    # what does fit runs to its max_tokens, not to a cut
+    out = small.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True), False)[0]
+    assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("bad", [42, 3.5, None, {"prompt_token_ids": [1, 2]}])

@@ -158,7 +158,7 @@ def test_preempted_sequences_finish_with_all_their_tokens():
     assert sched.block_manager.num_free_blocks == 4
 
 
-def test_lone_sequence_that_cannot_grow_ends_with_length():
+def test_lone_sequence_that_cannot_grow_is_aborted_not_cut_as_length():
     sched = make_scheduler(num_blocks=1)
     seq = make_seq(10, max_tokens=100, ignore_eos=True)
     sched.add(seq)
@@ -167,7 +167,8 @@ def test_lone_sequence_that_cannot_grow_ends_with_length():
             break
         step(sched)
     assert sched.is_finished(), "a sequence that cannot fit must end, not hang"
-    assert seq.finish_reason == "length"
+    # never "length": that would pass for a complete answer (the engine refuses such requests)
+    assert seq.finish_reason == "abort"
     # 16 tokens of K/V fit; the 17th (sampled last) needs a block that does not exist
     assert len(seq) == BS + 1
     assert seq.num_preemptions == 0
@@ -272,3 +273,30 @@ def test_headroom_stops_the_preempt_and_readmit_cycle():
     with_headroom, preempted_with = recomputed(16)
     assert preempted_without > 0 and without > 0
     assert preempted_with < preempted_without and with_headroom < without
+
+
+def test_min_tokens_eos_and_stop_ids_do_not_end_early():
+    sched = make_scheduler()
+    seq = make_seq(5, min_tokens=2, stop_token_ids=[42])
+    run_prefill(sched, seq, EOS)  # 1st token
+    step(sched, 42)  # 2nd
+    assert not seq.is_finished
+    step(sched, EOS)  # 3rd: min_tokens reached, EOS now ends it
+    assert seq.finish_reason == "stop" and seq.completion_token_ids == [EOS, 42, EOS]
+
+
+def test_stop_checker_ends_a_sequence_with_stop():
+    calls = []
+
+    def checker(seq):
+        calls.append(seq.seq_id)
+        return "xy" if seq.last_token == 9 else None
+
+    sched = make_scheduler(stop_checker=checker)
+    plain, stopped = make_seq(5), make_seq(5, start=50, stop=["xy"])
+    sched.add(plain)
+    sched.add(stopped)
+    step(sched)
+    step(sched, 9)
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == "xy"
+    assert not plain.is_finished and set(calls) == {stopped.seq_id}  # only for stop strings

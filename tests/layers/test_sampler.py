@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanovllm.layers.sampler import Sampler, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplingTensors, ban_tokens, row_seed, top_logprobs
 
 VOCAB = 50
 
@@ -221,3 +221,71 @@ def test_fused_sampler_on_gpu_matches_softmax_and_greedy():
     mixed = SamplingTensors.build([0.0, 0.6] * 4, [0] * 8, [1.0] * 8, dev)
     out = Sampler(fused=True)(rand, mixed, generator=g)
     assert torch.equal(out[0::2], rand[0::2].float().argmax(-1))
+
+
+# ---------------------------------------------------------------- per-request seeds, masks
+def seeded(n, seeds, temperature=1.0, top_k=0, banned=None):
+    return SamplingTensors.build(
+        [temperature] * n, [top_k] * n, [1.0] * n, torch.device("cpu"), seeds, banned
+    )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("top_k", [0, 20])
+def test_row_seed_draws_do_not_depend_on_the_batch(fused, top_k):
+    if fused:
+        if torch.cuda.is_available():
+            pytest.skip("interpreter test")
+        pytest.importorskip("triton")
+        if top_k:
+            pytest.skip("filters take the torch path")
+    logits = torch.randn(5, 300, generator=gen(11))
+    s = row_seed(1234, 3)
+    # row 2 alone, and in a batch of five next to unseeded rows, engines seeded differently
+    alone = Sampler(fused=fused)(logits[2:3], seeded(1, [s], top_k=top_k), generator=gen(0))
+    batch = seeded(5, [-1, -1, s, -1, row_seed(99, 0)], top_k=top_k)
+    for engine_seed in (1, 2):
+        out = Sampler(fused=fused)(logits, batch, generator=gen(engine_seed))
+        assert out[2] == alone[0]
+    # the seed matters: other seeds draw other tokens from the same flat-ish row
+    draws = {
+        int(Sampler(fused=fused)(logits[2:3], seeded(1, [row_seed(k, 3)]), generator=gen(0))[0])
+        for k in range(12)
+    }
+    assert len(draws) > 3
+
+
+def test_row_seed_is_a_function_of_seed_and_step():
+    assert row_seed(7, 0) == row_seed(7, 0)
+    values = {row_seed(seed, step) for seed in range(20) for step in range(20)}
+    assert len(values) == 400 and all(0 <= v < 2**31 for v in values)
+    # no seeded row: the batch keeps the plain path
+    assert SamplingTensors.build([1.0], [0], [1.0], torch.device("cpu"), [-1]).row_seeds is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_banned_tokens_are_never_sampled(temperature):
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 4] = 20.0  # the favourite, banned in rows 0 and 2
+    p = seeded(3, None, temperature=temperature, banned=[(0, [4, 5]), (2, [4])])
+    before = logits.clone()
+    for seed in range(5):
+        out = Sampler()(logits, p, generator=gen(seed))
+        assert out[0] not in (4, 5) and out[2] != 4 and out[1] == 4
+    assert torch.equal(logits, before)  # masked on a copy
+    assert ban_tokens(logits, []) is logits
+    assert ban_tokens(logits, [(0, [VOCAB + 3])]) is logits  # ids beyond the vocabulary
+
+
+def test_top_logprobs_are_the_raw_log_softmax():
+    logits = torch.randn(4, VOCAB, generator=gen(3))
+    sampled = torch.tensor([0, 1, 2, 3])
+    out = top_logprobs(logits, sampled, [(1, 3), (3, 0)])
+    ref = torch.log_softmax(logits, dim=-1)
+    assert len(out) == 2 and len(out[0]) in (3, 4) and list(out[1]) == [3]
+    top3 = ref[1].topk(3).indices.tolist()
+    assert set(out[0]) == set(top3) | {1}
+    for token, value in out[0].items():
+        assert value == pytest.approx(ref[1, token].item(), abs=1e-6)
+    assert out[1][3] == pytest.approx(ref[3, 3].item(), abs=1e-6)
+    assert top_logprobs(logits, sampled, []) == []

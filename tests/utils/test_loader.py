@@ -133,3 +133,21 @@ def test_untied_checkpoint_needs_lm_head(tiny_model_variants, tmp_path):
     edit(path, lambda sd: sd.pop("lm_head.weight", None))
     with pytest.raises(ValueError, match="'lm_head.weight'"):
         load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "empty"])
+def test_corrupted_safetensors_names_the_file(tiny_model, tmp_path, damage):
+    path = copy_checkpoint(tiny_model, tmp_path / "ckpt")
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    damaged = {
+        "truncated": data[: len(data) // 2],
+        "garbage_header": b"\xff" * 8 + data[8:],
+        "empty": b"",
+    }[damage]
+    with open(file, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(ValueError) as info:
+        load(path)
+    msg = str(info.value)
+    assert repr(file) in msg and "truncated or corrupted" in msg and "download it again" in msg
