@@ -152,14 +152,15 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
     )
     runner, num_blocks = llm.model_runner, llm.runtime.num_kvcache_blocks
     pipe = runner.decode
-    out["pipeline"] = {"active": pipe.active, "mode": pipe.mode, "reason": pipe.reason}
-    print(f"{name}: pipeline {'active' if pipe.active else 'unavailable: ' + pipe.reason}")
+    reason = "" if pipe.enabled else pipe.reason
+    out["pipeline"] = {"enabled": pipe.enabled, "reason": reason}
+    print(f"{name}: pipeline {'enabled' if pipe.enabled else 'unavailable: ' + reason}")
     inputs = {
         (b, c): synthetic_decode_inputs(b, c, num_blocks, hf.vocab_size, device) for b, c in fit
     }
     current = first  # the split the engine was built with
     configs = [(s, m, g) for s in args.splits for m in args.microbatches for g in args.ffn_gemm]
-    configs = configs if pipe.active else [None]
+    configs = configs if pipe.enabled else [None]
     with torch.inference_mode():
         for config in configs:
             row0 = dict(shape=name)
@@ -175,7 +176,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
                     out.setdefault("failed", []).append([a, f, m, str(e)])
                     continue
                 row0.update(requested_split=[a, f], attention_sms=got_a, ffn_sms=got_f)
-                row0["attention_kernel"] = "tma" if pipe.attention_tma else "triton"
+                row0["attention_kernel"] = pipe.kernels.attention_kernel
                 row0["microbatches"], row0["ffn_gemm"] = m, gemm
             for (b, c), inp in inputs.items():
                 fns = {"sequential": decode_step_fn(runner, inp)}
