@@ -16,6 +16,7 @@ _TMA = kernels.DecodeConfig(tma=True)
 
 class TritonAttentionBackend:
     name = "triton"
+    fp8_kv_cache = True  # float8e4nv: sm_89+ on NVIDIA GPUs (checked at KV allocation)
 
     def store_kvcache(
         self,
@@ -24,8 +25,10 @@ class TritonAttentionBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
-        kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def prefill(
         self,
@@ -36,6 +39,8 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         return kernels.prefill_attention(
             q,
@@ -48,6 +53,8 @@ class TritonAttentionBackend:
             meta.max_seqlen_q,
             meta.block_tables,
             scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def decode(
@@ -57,6 +64,8 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         return kernels.paged_decode_attention(
             q,
@@ -66,4 +75,6 @@ class TritonAttentionBackend:
             meta.context_lens,
             scale,
             config=_TMA if meta.decode_tma else None,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
