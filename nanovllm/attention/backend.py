@@ -5,8 +5,9 @@ head_dim]. Heads are grouped (GQA): query head h reads KV head ``h // (num_heads
 
 The cache is in the model dtype or float8 e4m3 (``kv_cache_dtype="fp8"``). With fp8, a store
 writes ``clamp(k / k_scale, -448, 448)`` and reads dequantize ``stored * k_scale`` (the same for
-V with ``v_scale``); ``k_scale`` / ``v_scale`` are per-layer scalars and do nothing for a cache
-in the model dtype. A backend that reads fp8 caches sets ``fp8_kv_cache = True``.
+V with ``v_scale``); ``k_scale`` / ``v_scale`` are per-layer scalars, passed by keyword with an
+fp8 cache only (the Attention layer keeps the plain calls for a cache in the model dtype). A
+backend that reads fp8 caches sets ``fp8_kv_cache = True``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def cache_key(runner, attention_sms: int, ffn_sms: int, num_microbatches: int, c
         f"max_num_seqs={cfg.max_num_seqs}",
         f"attention_kernel={cfg.pipeline_attention_kernel}",
         f"ffn_gemm={cfg.pipeline_ffn_gemm}",
-        *([f"kv_cache_dtype={cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != "auto" else []),
+        # fp8 caches get their own entries; "auto" keeps the keys of earlier calibrations
+        *([] if (kv := getattr(cfg, "kv_cache_dtype", "auto")) == "auto" else [f"kv={kv}"]),
     ]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], parts
 

@@ -3,6 +3,8 @@ from torch import nn
 
 from nanovllm.attention.metadata import AttentionMetadata
 
+FP8 = torch.float8_e4m3fn
+
 
 class Attention(nn.Module):
     """Writes the new tokens' K/V into this layer's paged cache, then attends through the
@@ -25,11 +27,13 @@ class Attention(nn.Module):
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         """q [num_tokens, num_heads, d], k/v [num_tokens, num_kv_heads, d] -> [num_tokens, H*d]."""
         backend, kc, vc = self.backend, self.k_cache, self.v_cache
-        ks, vs = self.k_scale, self.v_scale
+        # The scales go to the backend with an fp8 cache only: for a model-dtype cache the calls
+        # keep the plain interface (the scales would be 1.0 anyway).
+        fp8 = {"k_scale": self.k_scale, "v_scale": self.v_scale} if kc.dtype == FP8 else {}
         if kc.numel():  # empty during the warm-up pass that runs before allocation
-            backend.store_kvcache(k, v, kc, vc, meta.slot_mapping, k_scale=ks, v_scale=vs)
+            backend.store_kvcache(k, v, kc, vc, meta.slot_mapping, **fp8)
         if meta.is_prefill:
-            o = backend.prefill(q, k, v, kc, vc, meta, self.scale, k_scale=ks, v_scale=vs)
+            o = backend.prefill(q, k, v, kc, vc, meta, self.scale, **fp8)
         else:
-            o = backend.decode(q, kc, vc, meta, self.scale, k_scale=ks, v_scale=vs)
+            o = backend.decode(q, kc, vc, meta, self.scale, **fp8)
         return o.flatten(1, 2)
