@@ -458,11 +458,27 @@ class ModelCost:
         attention = 4 * self.layers * self.heads * self.head_dim * ctx * batch
         return 2 * self.matmul_params * batch + attention
 
+    def memory_ms(self, batch: int, ctx: int, card: dict, weight_reads: int = 1) -> float:
+        """The step's bytes at the copy bandwidth."""
+        return self.step_bytes(batch, ctx, weight_reads) / (card["copy_gbs"] * 1e9) * 1e3
+
+    def compute_ms(self, batch: int, ctx: int, card: dict) -> float:
+        """The step's flops at the matmul peak."""
+        return self.step_flops(batch, ctx) / (card["peak_tflops"] * 1e12) * 1e3
+
     def floor(self, batch: int, ctx: int, card: dict, weight_reads: int = 1) -> tuple[float, str]:
-        """(floor ms, "memory" or "compute"): max(bytes / copy bandwidth, flops / peak)."""
-        mem = self.step_bytes(batch, ctx, weight_reads) / (card["copy_gbs"] * 1e9) * 1e3
-        comp = self.step_flops(batch, ctx) / (card["peak_tflops"] * 1e12) * 1e3
+        """(floor ms, "memory" or "compute"): max(bytes / copy bandwidth, flops / peak), the
+        step if its reads and its math overlapped perfectly."""
+        mem = self.memory_ms(batch, ctx, card, weight_reads)
+        comp = self.compute_ms(batch, ctx, card)
         return (mem, "memory") if mem >= comp else (comp, "compute")
+
+    def serial(self, batch: int, ctx: int, card: dict, weight_reads: int = 1) -> float:
+        """Serial bound in ms: bytes / copy bandwidth + flops / peak, each at its own roofline
+        one after the other (no overlap of reads and math). A step slower than this overlaps
+        nothing and also misses both rooflines; between the floor and this it is where any
+        overlap would pay."""
+        return self.memory_ms(batch, ctx, card, weight_reads) + self.compute_ms(batch, ctx, card)
 
     def block_bytes(self, block_size: int) -> int:
         return self.kv_bytes(1, block_size)

@@ -6,7 +6,10 @@ CUDA events, median of ``--reps`` after warm-up). Each step is compared with the
 ``max(bytes / bandwidth, flops / peak)``, where bandwidth is a 1 GiB device-to-device clone and
 peak an 8192^3 bf16 matmul, both measured in the same run; bytes are the decoder weights once
 (lm_head excluded: logits are computed outside the graph) plus the KV cache the batch reads.
-Combinations whose KV cache does not fit in memory are skipped and listed.
+Beside the floor (reads and math perfectly overlapped), the serial bound ``bytes / bandwidth +
+flops / peak`` (each at its own roofline, one after the other) and ``step / serial``: above 1 the
+step is slower than even a non-overlapped run at both rooflines. Combinations whose KV cache
+does not fit in memory are skipped and listed.
 
     python benchmarks/decode_step.py --json benchmarks/results/decode_step_h100.json
     python benchmarks/decode_step.py --shape 8b --batches 64 256 --ctxs 1024 4096
@@ -53,6 +56,8 @@ COLUMNS = [
     ("floor_ms", "floor ms", ".3f"),
     ("bound", "bound", ""),
     ("floor_frac", "floor/step", ".2f"),
+    ("serial_ms", "serial ms", ".3f"),
+    ("step_over_serial", "step/serial", ".2f"),
 ]
 
 
@@ -64,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 2048")
     add_decode_sweep_args(p, reps=30, warmup=5, reserve_gib=4.0)
     args = p.parse_args(argv)
+    if args.model and args.shape:
+        p.error("--model and --shape are exclusive: --model replaces the random-weight shapes")
     q = args.quick
     args.shape = args.shape or (["tiny"] if q else ["0.6b", "8b"])
     args.batches = args.batches or ([1, 4] if q else [1, 8, 32, 64, 128, 256, 512])
@@ -93,6 +100,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
             ms = ms["step"]
             nbytes, flops = cost.step_bytes(b, c), cost.step_flops(b, c)
             floor_ms, bound = cost.floor(b, c, card)
+            serial_ms = cost.serial(b, c, card)
             row = dict(shape=name, batch=b, ctx=c, ms=ms, bytes=nbytes, flops=flops)
             row.update(
                 gbytes=nbytes / 1e9,
@@ -101,6 +109,8 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
                 floor_ms=floor_ms,
                 bound=bound,
                 floor_frac=floor_ms / ms,
+                serial_ms=serial_ms,
+                step_over_serial=ms / serial_ms,
             )
             row["bw_frac"] = row["gbs"] / card["copy_gbs"]
             out["rows"].append(row)

@@ -10,6 +10,22 @@ import torch
 
 from nanovllm.attention import backend_names
 
+# KV-cache storage: "auto" = the model dtype; "fp8" (alias "fp8_e4m3") = float8 e4m3 with a
+# per-layer scale (engine/kv_cache.py says why), half the bytes of bf16 per token.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element type the KV cache is stored in, for ``Config.kv_cache_dtype``."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return FP8_KV_DTYPE
+    raise ValueError(
+        f"Config.kv_cache_dtype={kv_cache_dtype!r} is invalid: use one of {KV_CACHE_DTYPES}"
+    )
+
 
 @dataclass
 class Config:
@@ -26,6 +42,7 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"
     load_format: str = "auto"
     seed: int = 0
     skip_tokenizer_init: bool = False
@@ -71,6 +88,18 @@ class Config:
             bad("dtype", 'use "auto", "float32", "float16" or "bfloat16"')
         if self.attention_backend not in ("auto", *backend_names()):
             bad("attention_backend", f"use one of {('auto', *backend_names())}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad(
+                "kv_cache_dtype",
+                f'use one of {KV_CACHE_DTYPES}: "auto" stores K/V in the model dtype, "fp8" '
+                '(or "fp8_e4m3") as float8 e4m3, twice the tokens of a bf16 cache',
+            )
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "flash_attn":
+            raise ValueError(
+                f"Config.kv_cache_dtype={self.kv_cache_dtype!r} is invalid with "
+                "attention_backend='flash_attn': the flash-attn backend reads bf16/fp16 caches "
+                "only; use attention_backend='triton' (GPU) or 'torch', or kv_cache_dtype='auto'"
+            )
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", 'use "auto" (safetensors) or "dummy" (random weights)')
         for name in ("pipeline_attention_sm_count", "pipeline_ffn_sm_count"):
@@ -136,6 +165,7 @@ class RuntimeInfo:
     eos_token_ids: set[int] = field(default_factory=set)
     num_kvcache_blocks: int = 0
     attention_backend: str = ""
+    kv_cache_dtype: torch.dtype | None = None  # resolved element type of the KV cache
     cuda_graphs: bool = False
 
 

@@ -18,7 +18,9 @@ class LLM(LLMEngine):
     ``generate(prompts, sampling_params=None, use_tqdm=True)`` and
     ``chat(messages, sampling_params=None, use_tqdm=True)`` return one dict per prompt:
     ``{"text", "token_ids", "finish_reason"}`` (+ ``"stop_reason"``, ``"logprobs"``).
-    ``get_tokenizer()`` is the checkpoint's tokenizer; ``exit()`` frees the engine.
+    ``get_tokenizer()`` is the checkpoint's tokenizer; ``exit()`` frees the engine. The decode
+    pipeline's reports: ``model_runner.get_pipeline_statistics()``,
+    ``print_pipeline_statistics()``, ``export_pipeline_trace(path)``; ``adjust_sm_allocation``.
 
     Options (``nanovllm.config.Config``; a bad value is a ValueError naming it and the fix):
 
@@ -32,6 +34,8 @@ class LLM(LLMEngine):
     - ``kvcache_block_size=256``: tokens per KV block (a multiple of 16).
     - ``num_kvcache_blocks=None``: the KV block count (None: sized from free memory).
     - ``enable_prefix_caching=True``: reuse the KV blocks of identical prefixes.
+    - ``kv_cache_dtype="auto"``: the model dtype; ``"fp8"`` (``"fp8_e4m3"``) stores K/V as
+      float8 e4m3 with a per-layer scale: twice the tokens of a bf16 cache.
     - ``device="auto"``: ``"cuda"``, ``"cpu"`` or automatic.
     - ``dtype="auto"``: the checkpoint's dtype on GPU, float32 on CPU; or ``"float32"``,
       ``"float16"``, ``"bfloat16"``.

@@ -26,6 +26,7 @@ def test_defaults(tiny_model):
     assert c.pipeline_num_microbatches == 2 and c.pipeline_enable_profiling is False
     assert c.pipeline_policy == "auto" and c.pipeline_attention_kernel == "triton"
     assert c.pipeline_ffn_gemm == "triton"
+    assert c.kv_cache_dtype == "auto"
 
 
 def test_valid_non_defaults(tiny_model):
@@ -76,6 +77,10 @@ INVALID = [
     ("dtype", torch.float16),
     ("attention_backend", "xformers"),
     ("load_format", "pt"),
+    ("kv_cache_dtype", "fp16"),
+    ("kv_cache_dtype", "int8"),
+    ("kv_cache_dtype", "fp8_e5m2"),
+    ("kv_cache_dtype", torch.float8_e4m3fn),
     ("seed", "0"),
     ("seed", 1.5),
     ("enforce_eager", "no"),
@@ -162,3 +167,29 @@ def test_llm_validates_config_before_loading(tiny_model):
 def test_field_names_cover_every_field():
     assert Config.field_names() == {f.name for f in dataclasses.fields(Config)}
     assert "model" in Config.field_names()
+
+
+@pytest.mark.parametrize("value", ["auto", "fp8", "fp8_e4m3"])
+def test_kv_cache_dtype_choices(tiny_model, value):
+    assert Config(tiny_model, kv_cache_dtype=value).kv_cache_dtype == value
+
+
+def test_kv_cache_dtype_error_lists_the_choices(tiny_model):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='int4'.*'auto', 'fp8', 'fp8_e4m3'"):
+        Config(tiny_model, kv_cache_dtype="int4")
+
+
+def test_fp8_kv_cache_refused_with_forced_flash_attn(tiny_model):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*flash_attn.*'triton'"):
+        Config(tiny_model, kv_cache_dtype="fp8", attention_backend="flash_attn")
+    Config(tiny_model, kv_cache_dtype="auto", attention_backend="flash_attn")  # fine
+
+
+def test_kv_cache_torch_dtype():
+    from nanovllm.config import kv_cache_torch_dtype
+
+    assert kv_cache_torch_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert kv_cache_torch_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fn
+    assert kv_cache_torch_dtype("fp8_e4m3", torch.float32) == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="kv_cache_dtype='e5m2'"):
+        kv_cache_torch_dtype("e5m2", torch.bfloat16)

@@ -23,6 +23,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     graph_safe = True
+    fp8_kv_cache = True  # float8e4nv: sm_89+ on NVIDIA GPUs (checked at KV allocation)
 
     def __init__(self, decode_kernel: str = "triton"):
         if decode_kernel not in DECODE_KERNELS:
@@ -37,8 +38,10 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
-        kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def prefill(
         self,
@@ -49,6 +52,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         return kernels.prefill_attention(
             q,
@@ -61,6 +66,8 @@ class TritonAttentionBackend(AttentionBackend):
             meta.max_seqlen_q,
             meta.block_tables,
             scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def decode(
@@ -70,6 +77,8 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         return kernels.paged_decode_attention(
             q,
@@ -79,4 +88,6 @@ class TritonAttentionBackend(AttentionBackend):
             meta.context_lens,
             scale,
             config=self._decode_config,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

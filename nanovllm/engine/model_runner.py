@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.attention import AttentionMetadata, select_attention_backend
-from nanovllm.config import Config, RuntimeInfo
+from nanovllm.config import Config, RuntimeInfo, kv_cache_torch_dtype
 from nanovllm.engine.cuda_graph import DecodeBuffers, DecodeGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from nanovllm.engine.model_inputs import (
@@ -84,12 +84,13 @@ class ModelRunner:
 
         if self.device.type == "cuda":
             self._warmup()
-        num_blocks = num_blocks_for(config, self.model, self.dtype, self.device, baseline_reserved)
+        kv_dtype = runtime.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        num_blocks = num_blocks_for(config, self.model, kv_dtype, self.device, baseline_reserved)
         if self.world_size > 1:
             num_blocks = self._agree_on_num_blocks(num_blocks)
         runtime.num_kvcache_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(
-            self.model, runtime.num_kvcache_blocks, self.block_size, self.dtype, self.device
+            self.model, runtime.num_kvcache_blocks, self.block_size, kv_dtype, self.device
         )
         if self.device.type == "cuda":
             self._warmup_paged_prefill()

@@ -14,7 +14,7 @@ It reads more per SM than the Triton kernel on small partitions but not inside t
 
 Same contract as ``triton_attention.paged_decode_attention`` (and the same split-KV partials, so
 the Triton merge kernel finishes multi-split calls). Supported: CUDA sm_90+, bf16/fp16,
-head_dim 128, GQA group <= 8, block_size a multiple of 64, and a KV cache that is either
+head_dim 128, GQA group <= 8, block_size a multiple of 64, a bf16/fp16 (not fp8) KV cache, either
 contiguous [num_blocks, block_size, kv_heads, head_dim] (the engine's) or a view of a contiguous
 [num_blocks, kv_heads, block_size, head_dim]. ``supported()`` says whether a call qualifies.
 
@@ -69,6 +69,8 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 
 @functools.lru_cache(maxsize=64)
 def _why_not(device, dtype, q_shape, q_stride_d, kv_dtype, kv_shape, k_stride, v_stride):
+    if kv_dtype == torch.float8_e4m3fn:
+        return "an fp8 KV cache (kv_cache_dtype='fp8'): this kernel reads bf16/fp16 caches only"
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return "needs a CUDA GPU of compute capability 9.0 or newer (TMA)"
     if dtype not in (torch.bfloat16, torch.float16) or kv_dtype != dtype:

@@ -14,6 +14,12 @@ block. Query head h reads KV head ``h // group`` with ``group = num_heads // num
 
 Softmax runs in base 2 (``exp2``) with the scale folded into ``scale * log2(e)``; everything is
 accumulated in fp32.
+
+FP8 caches (``torch.float8_e4m3fn``, Triton's ``float8e4nv``: sm_89+ on NVIDIA): the store
+writes ``clamp(k / k_scale, -448, 448)``; the readers convert each loaded tile to q's dtype
+(exact: every e4m3 value is a bf16/fp16/fp32 value) before the dots, fold the per-layer
+``k_scale`` into the softmax scale and multiply the output by ``v_scale``. For a cache in the
+model dtype the conversions are no-ops and the scales 1.0.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import triton.language as tl
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
+FP8_KV_DTYPE = torch.float8_e4m3fn
 
 # Split-KV policy: aim for this many stage-1 programs per SM (a few waves, so that programs with
 # short contexts do not leave SMs idle), never cut a sequence's keys into splits of fewer than
@@ -50,6 +57,8 @@ def _store_kvcache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    k_scale_inv,
+    v_scale_inv,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -64,6 +73,7 @@ def _store_kvcache_kernel(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # One program per token: all its KV heads, [BLOCK_H, HEAD_DIM].
     t = tl.program_id(0).to(tl.int64)
@@ -78,6 +88,9 @@ def _store_kvcache_kernel(
     mask = ((offs_h < NUM_KV_HEADS) & (slot_vec >= 0))[:, None]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if KV_FP8:  # scale into the e4m3 range and saturate there (448 = its largest finite value)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_scale_inv, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_scale_inv, -448.0), 448.0)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs
     tl.store(
@@ -98,6 +111,8 @@ def store_kvcache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int32/int64; -1 = skip
+    k_scale: float = 1.0,  # fp8 caches: stored = clamp(k / k_scale, -448, 448)
+    v_scale: float = 1.0,
 ) -> None:
     if k_cache.numel() == 0:  # warm-up pass before the KV cache exists
         return
@@ -115,6 +130,8 @@ def store_kvcache(
         k_cache,
         v_cache,
         slot_mapping,
+        1.0 / k_scale,
+        1.0 / v_scale,
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -129,6 +146,7 @@ def store_kvcache(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
         KV_BLOCK_SIZE=k_cache.shape[1],
+        KV_FP8=k_cache.dtype == FP8_KV_DTYPE,
     )
 
 
@@ -140,7 +158,10 @@ def store_kvcache(
 @triton.jit
 def _online_softmax_step(q, k, v, offs_t, num_valid, m_i, l_i, acc, scale_log2e):
     """One [BLOCK_N]-key tile of flash-decoding (keys offs_t < num_valid are real): returns the
-    updated (m_i, l_i, acc)."""
+    updated (m_i, l_i, acc). k/v tiles of an fp8 cache are converted to q's dtype first (their
+    scales are applied outside: k_scale in scale_log2e, v_scale to the output)."""
+    k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM]; no-op unless the cache is fp8
+    v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
     s = tl.where((offs_t < num_valid)[None, :], s, float("-inf"))
     # Every tile holds at least one valid key, so m_new is finite and nothing is NaN.
@@ -165,6 +186,7 @@ def _decode_split_kernel(
     part_o_ptr,
     part_lse_ptr,
     scale_log2e,
+    v_scale,
     stride_qs,
     stride_qh,
     stride_kcb,
@@ -283,7 +305,7 @@ def _decode_split_kernel(
             )
 
     has_keys = l_i > 0.0  # False for empty splits and context_len 0 rows
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None] * v_scale  # v_scale: 1.0 unless fp8
     if NUM_SPLITS == 1:
         o = o_ptr + seq.to(tl.int64) * stride_os + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
@@ -394,11 +416,14 @@ def paged_decode_attention(
     num_splits: int | None = None,
     num_sms: int | None = None,
     config: DecodeConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], dtype of q
     """Flash-decoding over the paged cache. No host sync: safe inside CUDA-graph capture.
 
     ``num_splits`` overrides the shape-based choice (``choose_num_splits`` with ``num_sms``,
     default the device's SM count); ``config`` overrides the tile defaults (tuning, benchmarks).
+    ``k_scale`` / ``v_scale`` dequantize an fp8 cache (values = stored * scale).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, kv_block_size = k_cache.shape[2], k_cache.shape[1]
@@ -436,7 +461,7 @@ def paged_decode_attention(
     if cfg.tma and is_gpu:
         from nanovllm.kernels import tma_decode
 
-        why = tma_decode.supported(q, k_cache, v_cache)
+        why = tma_decode.supported(q, k_cache, v_cache)  # a reason for fp8 caches
         if why is None:
             tma_decode.decode_stage1(
                 q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
@@ -453,7 +478,8 @@ def paged_decode_attention(
         out,
         part_o,
         part_lse,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
+        v_scale,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -513,6 +539,7 @@ def _prefill_kernel(
     cu_k_ptr,
     block_tables_ptr,
     scale_log2e,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -585,6 +612,8 @@ def _prefill_kernel(
             mask=n_mask[:, None],
             other=0.0,
         )
+        k = k.to(q.dtype)  # no-op unless PAGED over an fp8 cache (k_scale is in scale_log2e)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_M, BLOCK_N]
         keep = (q_pos[:, None] >= offs_n[None, :]) & n_mask[None, :]
         s = tl.where(keep, s, float("-inf"))
@@ -597,7 +626,7 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None] * v_scale  # 1.0 unless fp8 cache
     tl.store(
         o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -626,11 +655,14 @@ def prefill_attention(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal varlen attention; query j of sequence i sits at position len_k - len_q + j.
 
     With ``block_tables`` every key (cached prefix and new tokens, already stored) is read from
     the cache; without, ``cu_seqlens_k`` must equal ``cu_seqlens_q`` and keys are ``k``/``v``.
+    ``k_scale`` / ``v_scale`` dequantize an fp8 cache and apply only to keys read from it.
     Eager only: ``max_seqlen_q`` <= 0 is recomputed on the host.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -661,6 +693,7 @@ def prefill_attention(
         k_strides = (k.stride(0), k.stride(1))
         v_strides = (v.stride(0), v.stride(1))
         tables, stride_bt = cu_seqlens_q, 0  # unused
+        k_scale = v_scale = 1.0  # keys are the new tokens, not the (possibly fp8) cache
     assert kt.stride(-1) == 1 and vt.stride(-1) == 1, "k/v need a contiguous head_dim"
     assert num_heads % num_kv_heads == 0, f"{num_heads} heads vs {num_kv_heads} KV heads"
 
@@ -675,7 +708,8 @@ def prefill_attention(
         cu_seqlens_q,
         cu_seqlens_k,
         tables,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
+        v_scale,
         q.stride(0),
         q.stride(1),
         kb,

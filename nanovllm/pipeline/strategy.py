@@ -66,6 +66,7 @@ class DecodeSetup:
             f"max_num_seqs={self.max_num_seqs}",
             f"attention_kernel={config.pipeline_attention_kernel}",
             f"ffn_gemm={config.pipeline_ffn_gemm}",
+            f"kv={getattr(config, 'kv_cache_dtype', 'auto')}",
         ]
 
 
