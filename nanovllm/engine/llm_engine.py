@@ -176,25 +176,21 @@ class LLMEngine:
     def step(self) -> tuple[list[Sequence], int]:
         """One engine step; returns the sequences that finished and the tokens processed
         (positive for prefill, negative for decode, as nano-vllm reports them). A mixed step
-        reports its prefill tokens (positive); ``last_step_tokens`` holds both counts."""
-        finished, num_prefill, num_decode = self._step()
-        return finished, num_prefill if num_prefill else -num_decode
-
-    def _step(self) -> tuple[list[Sequence], int, int]:
-        """One engine step: the sequences that finished, the prefill tokens and the decode
-        tokens (decode rows: one token each) it processed."""
+        (decode rows and prefill chunks) returns its prefill tokens, positive: it ran the
+        prefill path. ``last_step_tokens`` holds both counts of every step: (prefill tokens,
+        decode tokens), a decode row being one token."""
         batch = self.scheduler.schedule()
         finished = self.scheduler.take_finished()  # ended while scheduling (KV cache full)
+        self.last_step_tokens = (0, 0)
         if not batch.seqs:
-            self.last_step_tokens = (0, 0)
-            return finished, 0, 0
+            return finished, 0
         num_decode = batch.num_decode_tokens if batch.is_prefill else len(batch.seqs)
         num_prefill = batch.num_tokens - num_decode  # (before postprocess advances the rows)
         tokens = self.model_runner.run(batch)
         self.scheduler.postprocess(batch, tokens)
         finished += [s for s in batch.seqs if s.is_finished]
         self.last_step_tokens = (num_prefill, num_decode)
-        return finished, num_prefill, num_decode
+        return finished, num_prefill if num_prefill else -num_decode
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -222,8 +218,10 @@ class LLMEngine:
             while not self.is_finished():
                 t = time.perf_counter()
                 before = (len(self.scheduler.waiting), len(self.scheduler.running))
-                finished, num_prefill, num_decode = self._step()
-                if num_prefill + num_decode == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
+                finished, _ = self.step()
+                num_prefill, num_decode = self.last_step_tokens
+                after = (len(self.scheduler.waiting), len(self.scheduler.running))
+                if num_prefill + num_decode == 0 and before == after:
                     # Cannot happen by construction (requests that can never fit are refused
                     # when added); never spin if it ever does.
                     raise RuntimeError(
