@@ -25,7 +25,7 @@ class LLM(LLMEngine):
     Options (``nanovllm.config.Config``; a bad value is a ValueError naming it and the fix):
 
     - ``max_num_batched_tokens=16384``: tokens per step, a decode counting one (long prompts
-      are chunked).
+      are chunked; decodes are never held back by it, prefill chunks get what they leave).
     - ``max_num_seqs=512``: sequences per step.
     - ``max_model_len=4096``: prompt + output tokens per sequence (capped by the checkpoint and
       by what the KV cache holds).
