@@ -62,11 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --compare-pipeline: rounds of both engines, the order alternating (seq, pipe, "
         "pipe, seq, ...) so that neither always runs on a warmer card; medians are compared",
     )
-    p.add_argument(
-        "--compare-mixed",
-        action="store_true",
-        help="enable_mixed_steps=False, then True (rounds alternate the order; medians compared)",
-    )
     p.add_argument("--attention-sms", type=int, help="pipeline_attention_sm_count")
     p.add_argument("--ffn-sms", type=int, help="pipeline_ffn_sm_count")
     p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
@@ -84,8 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_common_args(p)
     args = p.parse_args(argv)
-    if args.compare_mixed and (args.compare_pipeline or args.pipeline):
-        p.error("--compare-mixed compares sequential engines: drop --pipeline/--compare-pipeline")
     if args.hf_baseline and args.tensor_parallel_size > 1:
         p.error("--hf-baseline reads rank 0's weights: use it with --tensor-parallel-size 1")
     if args.quick:
@@ -125,11 +118,9 @@ def report(label: str, tokens: int, seconds: float) -> float:
     return tps
 
 
-def run_variant(args, path: str, device, pipelined: bool, prompts, params, mixed: bool = True):
+def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     """Build an engine, warm up, time the workload; returns (result, engine)."""
     label = "pipelined" if pipelined else "sequential"
-    if args.compare_mixed:
-        label = "mixed" if mixed else "unmixed"
     t0 = time.perf_counter()
     options = dict(
         max_model_len=args.max_model_len,
@@ -137,7 +128,6 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params, mixed
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
-        enable_mixed_steps=mixed,
     )
     if pipelined:
         options.update(
@@ -298,13 +288,6 @@ def variant_order(args) -> list[bool]:
     return [v for r in range(args.rounds) for v in ((False, True), (True, False))[r % 2]]
 
 
-def mixed_order(args) -> list[bool]:
-    """With --compare-mixed: rounds of enable_mixed_steps False and True, the order alternating."""
-    if args.rounds < 1:
-        raise ValueError(f"rounds={args.rounds}: run at least 1 round (--rounds 1)")
-    return [v for r in range(args.rounds) for v in ((False, True), (True, False))[r % 2]]
-
-
 def median_throughput(results: list[dict], variant: str) -> float:
     return statistics.median(r["throughput_tok_s"] for r in results if r["variant"] == variant)
 
@@ -324,27 +307,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(prompts)} requests, {sum(map(len, prompts))} input tokens, "
         f"{sum(sp.max_tokens for sp in params)} output tokens"
     )
-    if args.compare_mixed:
-        runs = [(False, mixed) for mixed in mixed_order(args)]
-    else:
-        runs = [(pipelined, True) for pipelined in variant_order(args)]
+    variants = variant_order(args)
     results, llm = [], None
-    for pipelined, mixed in runs:
+    for pipelined in variants:
         if llm is not None:
             release_engine(llm)
             llm = None
             free_memory()
-        result, llm = run_variant(args, path, device, pipelined, prompts, params, mixed)
+        result, llm = run_variant(args, path, device, pipelined, prompts, params)
         results.append(result)
     payload = {"script": "bench.py", "environment": env, "args": vars(args), "results": results}
     if args.compare_pipeline:
         payload["pipelined_over_sequential"] = compare_line(results, args.rounds)
-    if args.compare_mixed:
-        ratio = median_throughput(results, "mixed") / median_throughput(results, "unmixed")
-        payload["mixed_over_unmixed"] = ratio
-        print(
-            f"mixed / prefill-first steps, throughput (medians, {args.rounds} rounds): {ratio:.3f}"
-        )
     state: dict[str, torch.Tensor] = {}
     if args.hf_baseline:
         payload["hf_baseline"] = nanovllm_slice(llm, args, prompts, params, device)

@@ -103,10 +103,3 @@ def test_compare_prints_a_ratio_only_when_pipelined_steps_ran(capsys):
     ran = [result("sequential", 100.0), result("pipelined", 120.0, steps=5)]
     assert bench.compare_line(ran, 1) == 1.2
     assert "1.200 (5 pipelined decode steps)" in capsys.readouterr().out
-
-
-def test_compare_mixed_alternates_and_refuses_the_pipeline_compare():
-    args = bench.parse_args(["--compare-mixed", "--rounds", "2"])
-    assert bench.mixed_order(args) == [False, True, True, False]
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--compare-mixed", "--compare-pipeline"])
