@@ -11,8 +11,8 @@ Runs bench.py's workload (same arguments) once, timing each phase of every engin
 
 The synchronisation after ``forward`` removes the little overlap the engine has (the host builds
 the sampling parameters while the GPU runs), so the profiled run is slightly slower than bench.py.
-Prints the totals by phase and by step kind (prefill, decode, and mixed: decode rows beside
-prefill chunks), decode steps by batch size, prefill TFLOP/s, preemptions and recomputed tokens.
+Prints the totals by phase and by step kind, decode steps by batch size, prefill TFLOP/s,
+preemptions and recomputed tokens.
 
     python benchmarks/profile_e2e.py --shape 8b --json OUT
     python benchmarks/profile_e2e.py --engines 2   # the first engine of a process vs the next
@@ -48,7 +48,6 @@ from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine import model_runner as model_runner_module  # noqa: E402
 
 PHASES = ("schedule", "plan", "forward", "sample", "postprocess")
-STEP_KINDS = ("prefill", "decode", "mixed")  # mixed: decode rows beside prefill chunks
 
 
 class StepRecorder:
@@ -81,12 +80,9 @@ class StepRecorder:
             self._current = dict.fromkeys(PHASES, 0.0)
             t = time.perf_counter()
             finished, n = original_step()
-            num_prefill, num_decode = self.llm.last_step_tokens
             if n:
                 row = self._current
-                kind = "mixed" if num_prefill and num_decode else "prefill" if n > 0 else "decode"
-                row.update(kind=kind, n=num_prefill + num_decode)
-                row.update(prefill_tokens=num_prefill, decode_tokens=num_decode)
+                row.update(kind="prefill" if n > 0 else "decode", n=abs(n))
                 row["wall"] = time.perf_counter() - t
                 self.steps.append(row)
             return finished, n
@@ -118,12 +114,9 @@ def bucket(n: int) -> str:
 
 def summarise(steps: list[dict], total_s: float, params_count: int) -> dict:
     out: dict = {"total_s": total_s, "steps": len(steps)}
-    for kind in STEP_KINDS:
+    for kind in ("prefill", "decode"):
         rows = [r for r in steps if r["kind"] == kind]
         kind_out = {"steps": len(rows), "tokens": sum(r["n"] for r in rows)}
-        if kind == "mixed":
-            kind_out["prefill_tokens"] = sum(r["prefill_tokens"] for r in rows)
-            kind_out["decode_tokens"] = sum(r["decode_tokens"] for r in rows)
         kind_out["wall_s"] = sum(r["wall"] for r in rows)
         for phase in PHASES:
             kind_out[f"{phase}_s"] = sum(r[phase] for r in rows)
@@ -155,7 +148,7 @@ def print_summary(s: dict, tokens: int) -> None:
     print(f"\n{tokens} output tokens in {s['total_s']:.2f} s ({tokens / s['total_s']:.0f} tok/s)")
     phases = " ".join(f"{p:>11}" for p in PHASES)
     print(f"{'kind':8} {'steps':>6} {'tokens':>8} {'wall s':>8} {phases}")
-    for kind in STEP_KINDS:
+    for kind in ("prefill", "decode"):
         k = s[kind]
         cells = " ".join(f"{k[p + '_s']:>11.2f}" for p in PHASES)
         print(f"{kind:8} {k['steps']:>6} {k['tokens']:>8} {k['wall_s']:>8.2f} {cells}")
@@ -192,8 +185,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
     params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
     summary = summarise(recorder.steps, seconds, params_count)
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
-    prefill_tokens = summary["prefill"]["tokens"] + summary["mixed"]["prefill_tokens"]
-    summary["recomputed_tokens"] = prefill_tokens - sum(map(len, prompts))
+    summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     summary["compiles_in_timed_run"] = compiled
     summary["gc_pauses"] = gc_stats

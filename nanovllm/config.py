@@ -39,7 +39,6 @@ class Config:
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None
     enable_prefix_caching: bool = True
-    enable_mixed_steps: bool = True
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"
@@ -122,7 +121,6 @@ class Config:
         for name in (
             "enforce_eager",
             "enable_prefix_caching",
-            "enable_mixed_steps",
             "skip_tokenizer_init",
             "enable_pipeline",
             "pipeline_enable_profiling",

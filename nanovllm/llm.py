@@ -24,8 +24,7 @@ class LLM(LLMEngine):
 
     Options (``nanovllm.config.Config``; a bad value is a ValueError naming it and the fix):
 
-    - ``max_num_batched_tokens=16384``: tokens per step, a decode counting one (long prompts
-      are chunked; decodes are never held back by it, prefill chunks get what they leave).
+    - ``max_num_batched_tokens=16384``: tokens per prefill step (long prompts are chunked).
     - ``max_num_seqs=512``: sequences per step.
     - ``max_model_len=4096``: prompt + output tokens per sequence (capped by the checkpoint and
       by what the KV cache holds).
@@ -35,8 +34,6 @@ class LLM(LLMEngine):
     - ``kvcache_block_size=256``: tokens per KV block (a multiple of 16).
     - ``num_kvcache_blocks=None``: the KV block count (None: sized from free memory).
     - ``enable_prefix_caching=True``: reuse the KV blocks of identical prefixes.
-    - ``enable_mixed_steps=True``: a step carries the running decodes and prefill chunks in
-      the rest of ``max_num_batched_tokens``; False: prefill-only or decode-only steps.
     - ``kv_cache_dtype="auto"``: the model dtype; ``"fp8"`` (``"fp8_e4m3"``) stores K/V as
       float8 e4m3 with a per-layer scale: twice the tokens of a bf16 cache.
     - ``device="auto"``: ``"cuda"``, ``"cpu"`` or automatic.

@@ -18,7 +18,7 @@ def test_defaults(tiny_model):
     assert c.max_model_len == 4096 and c.gpu_memory_utilization == 0.9
     assert c.tensor_parallel_size == 1 and c.enforce_eager is False
     assert c.kvcache_block_size == 256 and c.num_kvcache_blocks is None
-    assert c.enable_prefix_caching is True and c.enable_mixed_steps is True
+    assert c.enable_prefix_caching is True
     assert (c.device, c.dtype, c.attention_backend, c.load_format) == ("auto",) * 4
     assert c.seed == 0
     assert c.enable_pipeline is False
@@ -85,8 +85,6 @@ INVALID = [
     ("seed", 1.5),
     ("enforce_eager", "no"),
     ("enable_prefix_caching", None),
-    ("enable_mixed_steps", 1),
-    ("enable_mixed_steps", "no"),
     ("enable_pipeline", 1),
     ("pipeline_enable_profiling", "yes"),
     ("pipeline_num_microbatches", 1),

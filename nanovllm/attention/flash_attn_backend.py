@@ -1,8 +1,7 @@
 """flash-attn (Dao-AILab) backend, used on a GPU when the package is importable.
 
 Paged reads through ``block_table`` need ``kvcache_block_size`` to be a multiple of 256 in
-flash-attn 2 (the default block size): every mixed step (decode rows beside prefill chunks) reads
-its keys that way. It reads bf16/fp16 caches only: ``kv_cache_dtype="fp8"`` is refused at start-up
+flash-attn 2. It reads bf16/fp16 caches only: ``kv_cache_dtype="fp8"`` is refused at start-up
 (``Config`` when this backend is forced, ``engine/kv_cache.py`` when it was picked automatically).
 """
 

@@ -19,9 +19,7 @@ class AttentionMetadata:
       lengths and of the key lengths (cached prefix + new tokens). Query j of sequence i sits at
       absolute position ``len_k - len_q + j`` and attends causally to keys ``[0, that position]``.
       ``block_tables`` is None when no sequence has a cached prefix: keys are then exactly the new
-      tokens' ``k``/``v``; otherwise every key is read from the paged cache. A mixed step (decode
-      rows and prefill chunks) is a prefill: a decode row is a sequence of query length 1 whose
-      keys (its whole context, the new token included) come from the paged cache.
+      tokens' ``k``/``v``; otherwise every key is read from the paged cache.
     - decode: one query token per sequence; ``context_lens``: [num_seqs] int32 keys per sequence
       (the new token included, 0 for padding rows); ``block_tables``: [num_seqs, max_blocks] int32
       (-1 padded).

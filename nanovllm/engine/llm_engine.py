@@ -87,9 +87,7 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=self.runtime.eos_token_ids,
             stop_checker=self._stop_checker if self.tokenizer is not None else None,
-            mixed_steps=config.enable_mixed_steps,
         )
-        self.last_step_tokens = (0, 0)  # (prefill, decode) tokens of the last step
         self._closed = False
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, self.model_runner.close)
@@ -175,22 +173,16 @@ class LLMEngine:
 
     def step(self) -> tuple[list[Sequence], int]:
         """One engine step; returns the sequences that finished and the tokens processed
-        (positive for prefill, negative for decode, as nano-vllm reports them). A mixed step
-        (decode rows and prefill chunks) returns its prefill tokens, positive: it ran the
-        prefill path. ``last_step_tokens`` holds both counts of every step: (prefill tokens,
-        decode tokens), a decode row being one token."""
+        (positive for prefill, negative for decode, as nano-vllm reports them)."""
         batch = self.scheduler.schedule()
         finished = self.scheduler.take_finished()  # ended while scheduling (KV cache full)
-        self.last_step_tokens = (0, 0)
         if not batch.seqs:
             return finished, 0
-        num_decode = batch.num_decode_tokens if batch.is_prefill else len(batch.seqs)
-        num_prefill = batch.num_tokens - num_decode  # (before postprocess advances the rows)
         tokens = self.model_runner.run(batch)
         self.scheduler.postprocess(batch, tokens)
         finished += [s for s in batch.seqs if s.is_finished]
-        self.last_step_tokens = (num_prefill, num_decode)
-        return finished, num_prefill if num_prefill else -num_decode
+        n = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
+        return finished, n
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -218,10 +210,8 @@ class LLMEngine:
             while not self.is_finished():
                 t = time.perf_counter()
                 before = (len(self.scheduler.waiting), len(self.scheduler.running))
-                finished, _ = self.step()
-                num_prefill, num_decode = self.last_step_tokens
-                after = (len(self.scheduler.waiting), len(self.scheduler.running))
-                if num_prefill + num_decode == 0 and before == after:
+                finished, n = self.step()
+                if n == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
                     # Cannot happen by construction (requests that can never fit are refused
                     # when added); never spin if it ever does.
                     raise RuntimeError(
@@ -229,12 +219,10 @@ class LLMEngine:
                         "report this with your LLM options"
                     )
                 dt = max(time.perf_counter() - t, 1e-9)
-                # A mixed step updates both rates, each over the step's whole time: the tokens
-                # of that kind the engine processed per second while it ran.
-                if num_prefill:
-                    prefill_tps = num_prefill / dt
-                if num_decode:
-                    decode_tps = num_decode / dt
+                if n > 0:
+                    prefill_tps = n / dt
+                elif n < 0:
+                    decode_tps = -n / dt
                 bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
                 bar.update(len(finished))
         except BaseException:

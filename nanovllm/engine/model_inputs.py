@@ -33,12 +33,7 @@ class ModelInputs:
 
 @dataclass
 class StepPlan:
-    """One step's model inputs as plain data (picklable, cheap to send to other ranks).
-
-    A mixed step is a prefill plan (``is_prefill=True``) whose decode rows are sequences of
-    query length 1: ``cu_seqlens_q`` advances by 1, ``cu_seqlens_k`` by the row's context
-    length, and its keys come from the paged cache through its ``block_tables`` row, as for a
-    prefill chunk after a cached prefix."""
+    """One step's model inputs as plain data (picklable, cheap to send to other ranks)."""
 
     is_prefill: bool
     input_ids: list[int]
@@ -62,16 +57,6 @@ def _block_table_rows(batch: ScheduledBatch) -> list[list[int]]:
 
 
 def plan_prefill(batch: ScheduledBatch, block_size: int) -> StepPlan:
-    """A varlen plan: prefill chunks and (mixed step) decode rows alike, row i being tokens
-    [num_computed_tokens, + num_new_tokens) of ``batch.seqs[i]``.
-
-    One attention launch per layer for a mixed step: decode rows go through the backend's
-    ``prefill`` as query-length-1 rows over their paged keys, not through its ``decode`` in a
-    second launch. Every backend's varlen path already reads cached prefixes, so the hidden
-    states need no split and re-join around attention, and a mixed step's rows need no
-    ordering. Its cost: a decode row takes one query tile of the varlen kernel (mostly masked)
-    and no split-KV; in a mixed step prefill chunks dominate the time, and pure-decode steps
-    keep the decode kernel and their CUDA graphs."""
     input_ids, positions, slot_mapping = [], [], []
     cu_q, cu_k, logits_indices, sampling_rows = [0], [0], [], []
     max_q = max_k = 0

@@ -1,8 +1,8 @@
 """Runs the model for one scheduled batch: inputs, forward, sampling.
 
-Prefill and mixed steps (decode rows beside prefill chunks) run the model's forward eagerly; a
-pure-decode step goes to the decode strategy the runner is handed at start-up
-(``pipeline.strategy``): the sequential graph step, or the pipeline."""
+Prefill runs the model's forward eagerly; a pure-decode step goes to the decode strategy the
+runner is handed at start-up (``pipeline.strategy``): the sequential graph step, or the
+pipeline."""
 
 from __future__ import annotations
 
@@ -186,8 +186,7 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def run_model(self, inputs: ModelInputs, is_prefill: bool) -> torch.Tensor:
-        """Final hidden states [num_tokens, hidden]. ``is_prefill``: a prefill or mixed step
-        (eager varlen forward); False: pure decode, through the decode strategy."""
+        """Final hidden states [num_tokens, hidden]."""
         if is_prefill:
             return self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.decode.run(inputs)

@@ -1,12 +1,4 @@
-"""Continuous batching with mixed steps; preemption by recompute.
-
-A step (vLLM V1 style) carries every running decode first (one token each), then prefill chunks
-(sequences part-way through a chunked prefill, then newly admitted ones) in what is left of
-``max_num_batched_tokens``. Prefill tokens share the decode batch's weight reads, and no decode
-waits behind a prefill-only step. A step with no prefill chunk is a pure-decode step (CUDA graphs,
-the decode pipeline); any other runs as one varlen batch through the eager forward. With
-``mixed_steps=False`` a step is prefill-only (chunked prefill first) or decode-only, as before.
-"""
+"""Continuous batching: chunked prefill first, then decode; preemption by recompute."""
 
 from __future__ import annotations
 
@@ -24,13 +16,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ScheduledBatch:
     """One step's work: ``num_new_tokens[i]`` tokens of ``seqs[i]``, starting at its
-    ``num_computed_tokens``. A sequence samples a token when the step reaches its end.
-
-    ``is_prefill``: the step runs as one varlen batch (``model_inputs.plan_prefill``) through the
-    eager forward: prefill chunks, and in a mixed step decode rows too. False: every row is a
-    decode row and the step goes to the decode strategy. A decode row computes one token, the
-    sequence's last (query length 1 over its cached keys). The row queries below describe the
-    batch as scheduled: they hold until ``Scheduler.postprocess`` advances the sequences."""
+    ``num_computed_tokens``. A sequence samples a token when the step reaches its end."""
 
     is_prefill: bool
     seqs: list[Sequence] = field(default_factory=list)
@@ -40,25 +26,9 @@ class ScheduledBatch:
         seq = self.seqs[i]
         return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
 
-    def is_decode_row(self, i: int) -> bool:
-        return self.num_new_tokens[i] == 1 and self.samples(i)
-
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(1 for i in range(len(self.seqs)) if self.is_decode_row(i))
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return self.num_tokens - self.num_decode_tokens
-
-    @property
-    def is_mixed(self) -> bool:
-        """Decode rows and prefill chunks in one step."""
-        return self.is_prefill and 0 < self.num_decode_tokens
 
 
 class Scheduler:
@@ -71,7 +41,6 @@ class Scheduler:
         eos_token_ids: set[int],
         headroom_steps: int = 32,
         stop_checker: Callable[[Sequence], str | None] | None = None,
-        mixed_steps: bool = True,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -85,7 +54,6 @@ class Scheduler:
         # once, it is recomputed, and the next decode step preempts it again: the recomputation
         # costs more prefill work than the headroom costs in batch size.
         self.headroom_steps = headroom_steps
-        self.mixed_steps = mixed_steps  # False: prefill-only and decode-only steps
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -98,29 +66,14 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def schedule(self) -> ScheduledBatch:
-        if not self.mixed_steps:
-            batch = ScheduledBatch(is_prefill=True)
-            self._schedule_prefill(batch, self.max_num_batched_tokens, admit=True)
-            if batch.seqs:
-                return batch
-            batch.is_prefill = False
-            self._schedule_decode(batch)
+        batch = self._schedule_prefill()
+        if batch.seqs:
             return batch
-        batch = ScheduledBatch(is_prefill=False)
-        preempted = self._schedule_decode(batch)
-        # Decode rows count against the token budget (one each); they are never cut by it, as
-        # decode steps never were: with more decodes than the budget the step is pure decode.
-        budget = max(0, self.max_num_batched_tokens - len(batch.seqs))
-        # A step that had to preempt admits nobody (vLLM V1 does the same): the blocks it just
-        # freed would otherwise go straight to a recompute.
-        self._schedule_prefill(batch, budget, admit=not preempted)
-        batch.is_prefill = batch.num_decode_tokens < len(batch.seqs)
-        return batch
+        return self._schedule_decode()
 
-    def _schedule_prefill(self, batch: ScheduledBatch, budget: int, admit: bool) -> None:
-        """Append prefill chunks of at most ``budget`` tokens in all: sequences in the middle of
-        a chunked prefill first, then (``admit``) waiting sequences, within ``max_num_seqs`` and
-        the headroom the running sequences need."""
+    def _schedule_prefill(self) -> ScheduledBatch:
+        batch = ScheduledBatch(is_prefill=True)
+        budget = self.max_num_batched_tokens
 
         def take(seq: Sequence) -> None:
             nonlocal budget
@@ -133,7 +86,7 @@ class Scheduler:
             if budget and seq.needs_prefill:
                 take(seq)
         reserve = None  # blocks the running sequences' headroom needs; computed when needed
-        while admit and self.waiting and budget and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
@@ -148,19 +101,15 @@ class Scheduler:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
-            # The prefix cache may hold all but its last token: a decode row (one token, the
-            # blocks are allocated), in this step when steps are mixed, else in the next decode.
-            if seq.needs_prefill or self.mixed_steps:
-                take(seq)
+            if seq.needs_prefill:
+                take(seq)  # otherwise the prefix cache held all but its last token: decode it
+        return batch
 
-    def _schedule_decode(self, batch: ScheduledBatch) -> bool:
-        """Append a decode row for every running sequence past its prefill, preempting the
-        most recently admitted sequences while the KV cache has no room for one; returns
-        whether it preempted."""
-        preempted = False
+    def _schedule_decode(self) -> ScheduledBatch:
+        batch = ScheduledBatch(is_prefill=False)
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.needs_prefill:
-                continue  # preempted or finished earlier in this loop; or a prefill chunk
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted or finished earlier in this loop
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:
@@ -176,8 +125,7 @@ class Scheduler:
                         self.block_manager.num_blocks,
                     )
                     break
-                self.preempt(victim)  # possibly one part-way through its chunked prefill
-                preempted = True
+                self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status != SequenceStatus.RUNNING:
@@ -185,7 +133,7 @@ class Scheduler:
             self.block_manager.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(1)
-        return preempted
+        return batch
 
     def _headroom_blocks(self, seq: Sequence) -> int:
         """Blocks ``seq`` needs beyond its current ones for its next ``headroom_steps`` tokens."""

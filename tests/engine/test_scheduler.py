@@ -101,11 +101,10 @@ def test_max_num_seqs():
         batch = step(sched)
         assert not batch.is_prefill and batch.seqs == seqs[:2]
         assert len(sched.running) <= 2
-    # finishing one admits the next waiting sequence; its prefill joins seqs[1]'s decode
+    # finishing one admits the next waiting sequence
     sched.finish(seqs[0], "stop")
     batch = step(sched)
-    assert batch.is_prefill and batch.seqs == [seqs[1], seqs[2]]
-    assert batch.is_mixed and batch.num_new_tokens == [1, 5]
+    assert batch.is_prefill and batch.seqs == [seqs[2]]
     assert list(sched.running) == [seqs[1], seqs[2]]
 
 
@@ -144,9 +143,7 @@ def test_preemption_victim_is_the_last_admitted_even_when_the_first_needs_room()
 
 
 def test_preempted_sequences_finish_with_all_their_tokens():
-    # headroom_steps=0 admits greedily, so that decode must preempt (mixed steps allocate the
-    # decodes' blocks before admission, and the default headroom then avoids the preemption)
-    sched = make_scheduler(num_blocks=4, max_num_seqs=4, headroom_steps=0)
+    sched = make_scheduler(num_blocks=4, max_num_seqs=4)
     seqs = [make_seq(12, start=50 * i + 1, max_tokens=10) for i in range(3)]
     for s in seqs:
         sched.add(s)
@@ -268,7 +265,7 @@ def test_headroom_stops_the_preempt_and_readmit_cycle():
         prefill_tokens = 0
         while not sched.is_finished():
             batch = step(sched)
-            prefill_tokens += batch.num_prefill_tokens  # (a mixed step has decode rows too)
+            prefill_tokens += batch.num_tokens if batch.is_prefill else 0
         assert all(s.completion_token_ids == [FAKE] * 60 for s in seqs)
         return prefill_tokens - sum(s.num_prompt_tokens for s in seqs), sched.num_preemptions
 
