@@ -117,6 +117,7 @@ def regime_figure(sweep: dict):
         raise SystemExit("the sweep has no pipelined rows")
     panels = sorted({(r["shape"], r["attention_sms"], r["ffn_sms"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.35)
     for ax, (shape, a, f) in zip(axes[0], panels):
         mine = [r for r in rows if (r["shape"], r["attention_sms"], r["ffn_sms"]) == (shape, a, f)]
         batches = sorted({r["batch"] for r in mine})
