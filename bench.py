@@ -35,6 +35,7 @@ from benchmarks.common import (
     model_path,
     release_engine,
     resolve_device,
+    timed_generate,
     write_json,
 )
 from nanovllm import SamplingParams
@@ -100,16 +101,6 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[SamplingParams]]:
     prompts = [[randint(0, top) for _ in range(randint(lo_in, hi_in))] for _ in range(n)]
     lens = [randint(args.min_output_len, args.max_output_len) for _ in range(n)]
     return prompts, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=t) for t in lens]
-
-
-def timed_generate(llm, prompts, params, device) -> tuple[float, int]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, sum(len(o["token_ids"]) for o in outs)
 
 
 def report(label: str, tokens: int, seconds: float) -> float:

@@ -30,6 +30,14 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ("tiny", "0.6b", "8b")
 BLOCK_SIZE = 256  # KV block size of the decode microbenchmarks (the engine's default)
+# (name, N, K) of one Qwen3-8B decoder layer's GEMMs, C [M, N] = X [M, K] @ W[N, K].T: 32 query
+# + 2 x 8 KV heads of 128, FFN 12288
+LAYER_GEMMS_8B = (
+    ("qkv", 6144, 4096),
+    ("o", 4096, 4096),
+    ("gate_up", 24576, 4096),
+    ("down", 4096, 12288),
+)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -134,6 +142,17 @@ def build_engine(path: str, device: torch.device, dummy: bool = True, **options)
     from nanovllm import LLM
 
     return LLM(path, load_format="dummy" if dummy else "auto", device=device.type, **options)
+
+
+def timed_generate(llm, prompts, params, device) -> tuple[float, int]:
+    """Seconds and output tokens of one ``generate`` over the whole workload."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, sum(len(o["token_ids"]) for o in outs)
 
 
 def release_engine(llm) -> None:

@@ -31,15 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import LAYER_GEMMS_8B as SHAPES_8B  # noqa: E402
 from benchmarks.common import concurrent_ms, environment, write_json  # noqa: E402
 
-# (name, N, K) of one Qwen3-8B layer: 32 query + 2 x 8 KV heads of 128; FFN 12288
-SHAPES_8B = (
-    ("qkv", 6144, 4096),
-    ("o", 4096, 4096),
-    ("gate_up", 24576, 4096),
-    ("down", 4096, 12288),
-)
 DEFAULT_CONFIGS = ("auto", "128,256,8,3", "128,128,4,4", "64,256,4,4", "128,128,4,4,3")
 
 

@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import sys
-import time
 
 import torch
 
@@ -45,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     model_path,
     release_engine,
     resolve_device,
+    timed_generate,
     write_json,
 )
 from nanovllm import SamplingParams  # noqa: E402
@@ -169,14 +169,7 @@ def compare(reference: list[tuple], candidate: list[tuple]) -> dict:
 def timed_throughput(llm, prompts: list[list[int]], output_len: int, device) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[: min(2, len(prompts))], params, use_tqdm=False)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t
-    tokens = sum(len(o["token_ids"]) for o in outs)
+    seconds, tokens = timed_generate(llm, prompts, params, device)
     return {"tokens": tokens, "seconds": seconds, "throughput_tok_s": tokens / seconds}
 
 

@@ -59,15 +59,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import LAYER_GEMMS_8B as SHAPES_8B  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 
-# (name, N, K) of one Qwen3-8B decoder layer's GEMMs: C [M, N] = X [M, K] @ W[N, K].T
-SHAPES_8B = (
-    ("qkv", 6144, 4096),
-    ("o", 4096, 4096),
-    ("gate_up", 24576, 4096),
-    ("down", 4096, 12288),
-)
 HEADS, KV_HEADS, HEAD_DIM, KV_BLOCK = 32, 8, 128, 256
 META_COLS = 8  # int64 columns of the GEMM table: first tile, then x off, w off, c off, N, K
 # divided by 16 (see _gemm_tile), then two unused

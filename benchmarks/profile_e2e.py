@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     model_path,
     release_engine,
     resolve_device,
+    timed_generate,
     write_json,
 )
 from nanovllm import SamplingParams  # noqa: E402
@@ -172,14 +173,22 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         enable_pipeline=args.pipeline,
+        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
+    if args.pipeline:
+        options.update(
+            pipeline_attention_sm_count=args.attention_sms,
+            pipeline_ffn_sm_count=args.ffn_sms,
+            pipeline_num_microbatches=args.microbatches,
+        )
     llm = build_engine(path, device, args.load_format == "dummy", **options)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     recorder = StepRecorder(llm, device)
     preempted_before = llm.scheduler.num_preemptions
     try:
         with kernel_compiles() as compiled, gc_pauses() as gc_stats:
-            seconds, tokens = bench.timed_generate(llm, prompts, params, device)
+            seconds, tokens = timed_generate(llm, prompts, params, device)
     finally:
         recorder.restore()
     params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
@@ -211,6 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     if own.engines < 1:
         raise ValueError(f"--engines {own.engines}: profile at least 1 engine (--engines 1)")
     args = bench.parse_args(rest)
+    # bench.py's options that this script cannot act on are refused, not ignored
+    for flag, given in (
+        ("--compare-pipeline", args.compare_pipeline),
+        ("--hf-baseline", args.hf_baseline),
+        ("--rounds", args.rounds != 1),
+    ):
+        if given:
+            raise ValueError(f"{flag}: profile_e2e.py profiles single engines (use --engines N)")
     device = resolve_device(args.device)
     path = args.model or model_path(args.shape)
     from transformers import AutoConfig

@@ -101,3 +101,11 @@ def test_compare_prints_a_ratio_only_when_pipelined_steps_ran(capsys):
     ran = [result("sequential", 100.0), result("pipelined", 120.0, steps=5)]
     assert bench.compare_line(ran, 1) == 1.2
     assert "1.200 (5 pipelined decode steps)" in capsys.readouterr().out
+
+
+def test_profile_e2e_refuses_options_it_cannot_act_on():
+    from benchmarks import profile_e2e
+
+    for flag in (["--compare-pipeline"], ["--hf-baseline", "4"], ["--rounds", "2"]):
+        with pytest.raises(ValueError, match=flag[0]):
+            profile_e2e.main(["--quick", "--device", "cpu", *flag])
