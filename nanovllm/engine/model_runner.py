@@ -27,7 +27,8 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.models import model_class
-from nanovllm.pipeline.strategy import DecodeSetup, make_decode_strategy
+from nanovllm.pipeline.setup import DecodeSetup
+from nanovllm.pipeline.strategy import make_decode_strategy
 from nanovllm.utils.compile import enable_fusion
 from nanovllm.utils.distributed import synchronize_within, tensor_parallel
 from nanovllm.utils.loader import init_dummy_weights, load_model

@@ -1,11 +1,13 @@
 """The Attention/FFN decode pipeline on one GPU.
 
 ``green`` (GreenContextManager: the two SM partitions and their streams), ``sm_budget``,
-``microbatch``, ``scheduler`` (PipelineScheduler: the pipelined decode step), ``strategy`` (the
-decode strategies handed to the model runner), ``calibration`` and ``policy`` (when to pipeline),
-``cache``, ``splits`` (per-bucket SM splits), ``kernels`` (what each stage runs on its partition),
-``stats``, ``report`` and ``trace``. Names are imported lazily: green contexts need cuda-python
-only when a pipeline is built.
+``microbatch``, ``step`` (the body of a pipelined step, its buffers and events), ``scheduler``
+(PipelineScheduler: the pipelined decoder), ``sequential`` (the whole-GPU step), ``setup`` (what
+the strategies run on), ``strategy`` (which strategy the model runner is handed),
+``calibration`` and ``policy`` (when to pipeline), ``cache``, ``splits`` (per-bucket SM
+splits), ``kernels`` (what each stage runs on its partition), ``stats``, ``report`` and
+``trace``. Names are imported lazily: green contexts need cuda-python only when a pipeline is
+built.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import importlib
 _EXPORTS = {
     "GreenContextManager": "nanovllm.pipeline.green",
     "PipelineScheduler": "nanovllm.pipeline.scheduler",
-    "PipelineOptions": "nanovllm.pipeline.scheduler",
-    "SequentialDecode": "nanovllm.pipeline.strategy",
-    "DecodeSetup": "nanovllm.pipeline.strategy",
+    "PipelineOptions": "nanovllm.pipeline.setup",
+    "SequentialDecode": "nanovllm.pipeline.sequential",
+    "DecodeSetup": "nanovllm.pipeline.setup",
     "make_decode_strategy": "nanovllm.pipeline.strategy",
 }
 

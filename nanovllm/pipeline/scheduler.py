@@ -1,30 +1,16 @@
-"""The Attention/FFN decode pipeline on one GPU.
+"""The Attention/FFN decode pipeline on one GPU: ``PipelineScheduler``.
 
-The decode batch is split into micro-batches (row ranges). Each layer is cut in two stages:
-
-- attention stage ``A(l, i)`` on the attention partition: KV store and paged attention, the
-  memory-bound part;
-- FFN stage ``F(l, i)`` on the FFN partition: every GEMM around it, i.e. layer l-1's o_proj and
-  FFN followed by layer l's input norm, QKV projection and rotary (the embedding at l = 0, the
-  final norm at l = num_layers).
-
-With two micro-batches the partitions work on different micro-batches at the same time:
-
-    FFN stream      : F(0,0) F(0,1) F(1,0) F(1,1) F(2,0) F(2,1) ...
-    attention stream:   .    A(0,0) A(0,1) A(1,0) A(1,1) A(2,0) ...
-
-``A(l, i)`` waits for ``F(l, i)`` (it needs q, k, v) and ``F(l+1, i)`` waits for ``A(l, i)`` (it
-needs the attention output): one CUDA event per edge, the host never waits. Tensors that cross
-streams (q, k, v one way, the attention output the other) live in static per-micro-batch rows:
-left to the caching allocator, memory freed by one stream could be handed to the other while
-still being read. The residual never leaves the FFN stream. The whole step is captured as one
-CUDA graph per batch bucket; kernels keep their green partition on replay.
+It runs a decode step as two stages per layer on two green partitions, overlapped across
+micro-batches (the step body: ``step.py``), captured as one CUDA graph per batch bucket (kernels
+keep their green partition on replay); decides per bucket, from a start-up calibration, whether
+to pipeline or to run the whole-GPU step (``calibration.py``, ``policy.py``), and on which SM split
+(``splits.py``); owns the one re-partition path; and reports what ran (``stats.py``,
+``report.py``, ``trace.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -34,42 +20,15 @@ from nanovllm.engine.model_inputs import ModelInputs
 from nanovllm.pipeline import calibration
 from nanovllm.pipeline import policy as policy_lib
 from nanovllm.pipeline.cache import cache_key, load_cached, store_cached
-from nanovllm.pipeline.kernels import (
-    StageKernels,
-    bounded_gemms,
-    choose_stage_kernels,
-    log_stage_kernels,
-)
-from nanovllm.pipeline.microbatch import event, microbatch_bounds, wait
+from nanovllm.pipeline.kernels import StageKernels, choose_stage_kernels, log_stage_kernels
 from nanovllm.pipeline.report import format_table, policy_report
+from nanovllm.pipeline.sequential import SequentialDecode
+from nanovllm.pipeline.setup import DecodeSetup, PipelineOptions
 from nanovllm.pipeline.splits import BucketSplits, SplitRunner
-from nanovllm.pipeline.stats import PipelineStats, StageTimers
-from nanovllm.pipeline.strategy import DecodeSetup, SequentialDecode
+from nanovllm.pipeline.stats import PipelineStats
+from nanovllm.pipeline.step import PipelinedStep
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    num_microbatches: int = 2
-    policy: str = "auto"  # "auto": calibrate per bucket; "always": pipeline every bucket
-    attention_kernel: str = "triton"
-    ffn_gemm: str = "triton"
-    profiling: bool = False
-    search_split: bool = True  # automatic SM counts: the first calibration chooses the split
-    identity: tuple[str, ...] = ()  # what changes the timings (calibration cache key)
-
-    @classmethod
-    def from_config(cls, config, identity: list[str]) -> PipelineOptions:
-        return cls(
-            num_microbatches=config.pipeline_num_microbatches,
-            policy=config.pipeline_policy,
-            attention_kernel=config.pipeline_attention_kernel,
-            ffn_gemm=config.pipeline_ffn_gemm,
-            profiling=config.pipeline_enable_profiling,
-            search_split=config.pipeline_attention_sm_count is None,
-            identity=tuple(identity),
-        )
 
 
 def _green_contexts(device, attention_sms: int, ffn_sms: int):
@@ -96,23 +55,11 @@ class PipelineScheduler:
     ):
         self.setup, self.options, self.model = setup, options, setup.model
         self.green, self.sequential, self.make_green = green, sequential, make_green
-        self.num_microbatches = options.num_microbatches
         self.stats = PipelineStats(options.profiling)
         self.policy: policy_lib.PipelinePolicy | None = None
         self.splits = BucketSplits()
-        shape, rows = self.model.attention_shape(), setup.max_num_seqs
-        kw = dict(dtype=setup.dtype, device=setup.device)
-        # Cross-stream buffers, rows of every micro-batch: [rows, heads, head_dim] etc.
-        self.q = torch.zeros(rows, shape.num_heads, shape.head_dim, **kw)
-        self.k = torch.zeros(rows, shape.num_kv_heads, shape.head_dim, **kw)
-        self.v = torch.zeros(rows, shape.num_kv_heads, shape.head_dim, **kw)
-        self.o = torch.zeros(rows, shape.num_heads * shape.head_dim, **kw)
-        self.out = torch.zeros(rows, shape.hidden_size, **kw)
-        L, m, dev = self.model.num_layers, self.num_microbatches, setup.device
-        self.ffn_done = [[event(dev) for _ in range(m)] for _ in range(L)]
-        self.attn_done = [[event(dev) for _ in range(m)] for _ in range(L)]
-        self.ready, self.finished = event(dev), event(dev)
-        self.timers: dict[int, StageTimers] = {}
+        rows, m = setup.max_num_seqs, options.num_microbatches
+        self.stepper = PipelinedStep(self.model, rows, m, setup.dtype, setup.device)
         self.kernels = self._stage_kernels(green)
         self.graph_runner: DecodeGraphRunner | None = None
         if setup.graphs is not None:
@@ -132,68 +79,18 @@ class PipelineScheduler:
         """One pipelined decode step: input_ids/positions [bs] -> final hidden [bs, hidden].
         ``green`` and ``kernels``: the split to run on and its stage kernels (default: the
         current split's)."""
-        bs = input_ids.shape[0]
-        bounds = microbatch_bounds(bs, self.num_microbatches)
-        model, num_layers = self.model, self.model.num_layers
         if green is None:
             green, kernels = self.green, self.kernels
-        attention = kernels.attention
-        attn_stream, ffn_stream = green.attention_stream, green.ffn_stream
-        gemm_sms = green.ffn_sms if kernels.ffn_gemm == "triton" else None
-        # Streams are None only when a test emulates the schedule serially on the CPU.
-        main = torch.cuda.current_stream() if ffn_stream is not None else None
-        timers = None
-        if self.stats.profiling:
-            timers = self.timers.setdefault(bs, StageTimers(num_layers, len(bounds)))
-            timers.step[0].record(main)
-        # Both partitions start after the inputs were written on the launching stream.
-        self.ready.record(main)
-        wait(attn_stream, self.ready)
-        wait(ffn_stream, self.ready)
-        metas = [meta.decode_slice(lo, hi) for lo, hi in bounds]
-        residual: list[torch.Tensor | None] = [None] * len(bounds)
-        for layer in range(num_layers + 1):
-            for i, (lo, hi) in enumerate(bounds):
-                with (
-                    torch.cuda.stream(ffn_stream),
-                    green.cublas_sm_budget("ffn"),
-                    bounded_gemms(gemm_sms),
-                ):
-                    if layer > 0:
-                        wait(ffn_stream, self.attn_done[layer - 1][i])
-                    if timers:
-                        timers.ffn[layer][i][0].record(ffn_stream)
-                    if layer == 0:
-                        h, r = model.embed(input_ids[lo:hi]), None
-                    else:
-                        h, r = model.post_attention(layer - 1, self.o[lo:hi], residual[i])
-                    if layer == num_layers:
-                        self.out[lo:hi] = model.final_norm(h, r)
-                    else:
-                        q, k, v, residual[i] = model.qkv(layer, positions[lo:hi], h, r)
-                        self.q[lo:hi], self.k[lo:hi], self.v[lo:hi] = q, k, v
-                    if timers:
-                        timers.ffn[layer][i][1].record(ffn_stream)
-                    if layer < num_layers:
-                        self.ffn_done[layer][i].record(ffn_stream)
-                if layer == num_layers:
-                    continue
-                with torch.cuda.stream(attn_stream):
-                    wait(attn_stream, self.ffn_done[layer][i])
-                    if timers:
-                        timers.attention[layer][i][0].record(attn_stream)
-                    self.o[lo:hi] = model.attend(
-                        layer, self.q[lo:hi], self.k[lo:hi], self.v[lo:hi], metas[i], attention
-                    )
-                    if timers:
-                        timers.attention[layer][i][1].record(attn_stream)
-                    self.attn_done[layer][i].record(attn_stream)
-        # Join: the FFN stream's last stage already waited for every attention stage.
-        self.finished.record(ffn_stream)
-        wait(main, self.finished)
-        if timers:
-            timers.step[1].record(main)
-        return self.out[:bs]
+        return self.stepper(input_ids, positions, meta, green, kernels, self.stats.profiling)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.stepper.num_microbatches
+
+    @num_microbatches.setter
+    def num_microbatches(self, m: int) -> None:
+        """At most the count the engine was built with (its events cover that many)."""
+        self.stepper.num_microbatches = m
 
     def bucket(self, num_rows: int) -> int:
         return self.graph_runner.bucket(num_rows) if self.graph_runner is not None else num_rows
@@ -212,7 +109,7 @@ class PipelineScheduler:
         split = self.policy.split(bucket) if self.policy is not None else None
         other = self.splits.get(split)
         hidden = other.run(inputs) if other is not None else self._pipelined(inputs)
-        self.stats.record_pipelined(bucket, n, self.timers.get(bucket))
+        self.stats.record_pipelined(bucket, n, self.stepper.timers.get(bucket))
         return hidden
 
     def _pipelined(self, inputs: ModelInputs) -> torch.Tensor:
@@ -227,7 +124,7 @@ class PipelineScheduler:
             setup.backend,
             opts.attention_kernel,
             opts.ffn_gemm,
-            self.q,
+            self.stepper.q,
             setup.k_cache,
             setup.v_cache,
         )
@@ -239,7 +136,7 @@ class PipelineScheduler:
         if self.graph_runner is not None:
             torch.cuda.synchronize()
             self.graph_runner.reset()  # graphs hold nodes of the old partitions' streams
-        self.timers.clear()
+        self.stepper.timers.clear()
 
     def repartition(self, attention_sm_count: int, ffn_sm_count: int) -> tuple[int, int]:
         """The one re-partition path: drop the graphs captured on the old streams, re-split,

@@ -11,8 +11,9 @@ from nanovllm.engine.model_inputs import prepare_decode
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.pipeline.microbatch import microbatch_bounds
-from nanovllm.pipeline.scheduler import PipelineOptions, PipelineScheduler
-from nanovllm.pipeline.strategy import SequentialDecode
+from nanovllm.pipeline.scheduler import PipelineScheduler
+from nanovllm.pipeline.sequential import SequentialDecode
+from nanovllm.pipeline.setup import PipelineOptions
 
 
 class SerialGreen:
@@ -142,3 +143,46 @@ def test_attention_stage_runs_the_kernel_chosen_for_its_partition(tiny_model, mo
     seen.clear()
     runner.model(inputs.input_ids, inputs.positions, inputs.meta)
     assert seen == []
+
+
+class FakeTimingEvent:
+    """A CUDA timing event stand-in: records a counter, so intervals have increasing times."""
+
+    clock = 0
+
+    def record(self, stream=None):
+        FakeTimingEvent.clock += 1
+        self.t = float(FakeTimingEvent.clock)
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+    def synchronize(self):
+        pass
+
+
+@torch.inference_mode()
+def test_profiling_records_stage_intervals_per_bucket(tiny_model, monkeypatch, tmp_path):
+    """With profiling, a step records every stage's interval (CUDA events on a GPU, stand-ins
+    here): per-bucket stage times, the step count and the trace export follow from them."""
+    import json
+
+    from nanovllm.pipeline import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_timing_event", FakeTimingEvent)
+    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16)
+    pipe = pipeline_of(llm, SerialGreen(), profiling=True)
+    inputs = decode_batch(llm, [3, 4, 5, 6])
+    pipe.run(inputs)
+    pipe.run(inputs)
+    stats = pipe.statistics()
+    layers = llm.runtime.hf_config.num_hidden_layers
+    bucket = stats["per_bucket"][4]
+    assert stats["steps"] == 2 and bucket["steps"] == 2 and stats["mode"] == "pipelined"
+    # every event records one tick: each stage interval is 1, the step spans all records
+    assert bucket["attention_ms"] == 2 * layers and bucket["ffn_ms"] == 2 * (layers + 1)
+    assert bucket["step_ms"] > bucket["ffn_ms"]
+    path = tmp_path / "trace.json"
+    pipe.export_trace(str(path))
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == 2 * (1 + 2 * layers + 2 * (layers + 1))
