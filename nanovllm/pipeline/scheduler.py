@@ -90,6 +90,12 @@ class PipelineScheduler:
     @num_microbatches.setter
     def num_microbatches(self, m: int) -> None:
         """At most the count the engine was built with (its events cover that many)."""
+        built = len(self.stepper.ffn_done[0]) if self.stepper.ffn_done else m
+        if not 2 <= m <= built:
+            raise ValueError(
+                f"num_microbatches={m}: use 2 to {built}, the pipeline_num_microbatches this "
+                "engine was built with (its events cover that many)"
+            )
         self.stepper.num_microbatches = m
 
     def bucket(self, num_rows: int) -> int:

@@ -4,6 +4,7 @@ micro-batch's rows equal the model's plain forward on those rows, bit for bit, K
 import contextlib
 from dataclasses import replace
 
+import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
@@ -186,3 +187,12 @@ def test_profiling_records_stage_intervals_per_bucket(tiny_model, monkeypatch, t
     pipe.export_trace(str(path))
     events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
     assert len(events) == 2 * (1 + 2 * layers + 2 * (layers + 1))
+
+
+def test_microbatch_count_stays_within_what_the_engine_was_built_for(tiny_model):
+    llm = LLM(tiny_model, device="cpu", kvcache_block_size=16, pipeline_num_microbatches=3)
+    pipe = pipeline_of(llm, SerialGreen())
+    pipe.num_microbatches = 2
+    assert pipe.stepper.num_microbatches == 2
+    with pytest.raises(ValueError, match="num_microbatches=4: use 2 to 3"):
+        pipe.num_microbatches = 4
