@@ -14,16 +14,30 @@ the sampling parameters while the GPU runs), so the profiled run is slightly slo
 Prints the totals by phase and by step kind, decode steps by batch size, prefill TFLOP/s,
 preemptions and recomputed tokens.
 
+With ``--tensor-parallel-size N`` every rank's side of each step is timed too
+(``benchmarks/tp_profile.py``; the workers get their timers the way the tensor-parallel tests
+inject faults, and send their records back at shut-down): per rank, the worker's wait for the
+plan and its decoding, rank 0's sending of it, ``to_model_inputs``, the forward, the device
+span (CUDA events), each all-reduce and all-gather (CUDA events; inside replayed CUDA graphs
+they cannot be timed per call: ``--enforce-eager`` times them on every step), the estimated
+wait for the other rank and the start lag between ranks, with the batch rows and KV blocks;
+aggregated per step kind (prefill, decode by batch range) into a table per rank and the JSON
+(``summary.tensor_parallel``, per-step rows included). The output says what was not measured.
+
     python benchmarks/profile_e2e.py --shape 8b --json OUT
     python benchmarks/profile_e2e.py --engines 2   # the first engine of a process vs the next
     python benchmarks/profile_e2e.py --quick --device cpu
+    python benchmarks/profile_e2e.py --shape 8b --tensor-parallel-size 2 --json OUT
+    python benchmarks/profile_e2e.py --shape 8b --tensor-parallel-size 2 --enforce-eager
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -32,6 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench  # noqa: E402
+from benchmarks import tp_profile  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     build_engine,
     environment,
@@ -47,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine import model_runner as model_runner_module  # noqa: E402
+from nanovllm.engine import tp_workers  # noqa: E402
 
 PHASES = ("schedule", "plan", "forward", "sample", "postprocess")
 
@@ -72,6 +88,8 @@ class StepRecorder:
             out = original_plan(batch, block_size)
             self._current["plan"] = time.perf_counter() - t
             self._current["context"] = sum(out.context_lens) if out.context_lens else 0
+            blocks = llm.scheduler.block_manager
+            self._current["kv_used"] = blocks.num_blocks - blocks.num_free_blocks
             return out
 
         model_runner_module.plan_step = plan
@@ -182,15 +200,32 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
             pipeline_ffn_sm_count=args.ffn_sms,
             pipeline_num_microbatches=args.microbatches,
         )
-    llm = build_engine(path, device, args.load_format == "dummy", **options)
+    tp = args.tensor_parallel_size > 1
+    records_dir = tempfile.TemporaryDirectory(prefix="profile_e2e_tp_") if tp else None
+    real_worker_main = tp_workers._worker_main
+    if tp:  # each worker installs its own timers (see benchmarks/tp_profile.py)
+        tp_workers._worker_main = functools.partial(
+            tp_profile.profiled_worker_main, records_dir.name
+        )
+    try:
+        llm = build_engine(path, device, args.load_format == "dummy", **options)
+    finally:
+        tp_workers._worker_main = real_worker_main
+    timers = tp_profile.RankTimers(0, llm.runtime.device) if tp else None
+    if tp:  # before the warm-up: every rank's records then start at the same step
+        timers.install(llm.model_runner.workers)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     recorder = StepRecorder(llm, device)
     preempted_before = llm.scheduler.num_preemptions
+    first = len(timers.records) if tp else 0
     try:
         with kernel_compiles() as compiled, gc_pauses() as gc_stats:
             seconds, tokens = timed_generate(llm, prompts, params, device)
     finally:
         recorder.restore()
+        if tp:
+            timers.restore()
+    last = len(timers.records) if tp else 0
     params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
     summary = summarise(recorder.steps, seconds, params_count)
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
@@ -202,7 +237,30 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
     print(f"garbage collector: {format_gc_pauses(gc_stats)}")
     if compiled:
         print(f"compiled inside the timed run: {compiled}")
-    release_engine(llm)
+    block_size = llm.config.kvcache_block_size
+    release_engine(llm)  # the workers write their records as they shut down
+    if tp:
+        try:
+            workers = tp_profile.read_worker_records(records_dir.name, args.tensor_parallel_size)
+        finally:
+            records_dir.cleanup()
+        ranks = [timers.records[first:last]]
+        ranks += [workers[r][first:last] for r in range(1, args.tensor_parallel_size)]
+        rows = tp_profile.merge_steps(recorder.steps, ranks)
+        report = dict(
+            world_size=args.tensor_parallel_size,
+            # execute records each rank sent back, the warm-up included (first: the timed run's)
+            records_per_rank=[len(timers.records)] + [len(w) for _, w in sorted(workers.items())],
+            first_timed_record=first,
+            num_kvcache_blocks=summary["num_kvcache_blocks"],
+            block_size=block_size,
+            groups=tp_profile.aggregate(rows, bucket),
+            totals=tp_profile.totals(rows),
+            notes=tp_profile.notes(rows, device),
+            steps=rows,
+        )
+        tp_profile.print_report(report)
+        summary["tensor_parallel"] = report
     free_memory()
     return dict(tokens=tokens, summary=summary)
 

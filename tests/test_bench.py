@@ -109,3 +109,55 @@ def test_profile_e2e_refuses_options_it_cannot_act_on():
     for flag in (["--compare-pipeline"], ["--hf-baseline", "4"], ["--rounds", "2"]):
         with pytest.raises(ValueError, match=flag[0]):
             profile_e2e.main(["--quick", "--device", "cpu", *flag])
+
+
+def test_profile_e2e_times_every_rank_with_tensor_parallelism(capsys):
+    from benchmarks import profile_e2e, tp_profile
+
+    payload = profile_e2e.main(["--quick", "--device", "cpu", "--tensor-parallel-size", "2"])
+    summary = payload["summary"]
+    report = summary["tensor_parallel"]
+    # both ranks sent back one record per execute (warm-up included), the same number
+    assert len(report["records_per_rank"]) == 2
+    assert report["records_per_rank"][0] == report["records_per_rank"][1] > summary["steps"]
+    steps = report["steps"]
+    assert len(steps) == summary["steps"] == sum(g["steps"] for g in report["groups"].values())
+    assert steps[0]["kind"] == "prefill" and {s["kind"] for s in steps} == {"prefill", "decode"}
+    common = (*tp_profile.HOST_PHASES, *tp_profile.COLLECTIVES, "wait", "lag", "step")
+    for row in steps:
+        assert row["rows"] > 0 and row["kv_blocks"] > 0 and row["kv_used"] > 0
+        assert not row["graph"]  # no CUDA graphs on CPU: every collective is timed
+        for rank, cells in enumerate(row["ranks"]):
+            own = tp_profile.RANK0_PHASES if rank == 0 else tp_profile.WORKER_PHASES
+            for phase in (*common, *own):
+                assert cells[phase] is not None and cells[phase] >= 0, (rank, phase)
+            assert cells["gpu"] is None  # no device timers on CPU: said in the notes
+            assert cells["n_all_reduce"] > 0 and cells["n_all_gather"] == 1
+            assert cells["n_all_reduce"] == row["ranks"][0]["n_all_reduce"]
+        assert min(cells["lag"] for cells in row["ranks"]) == 0
+    for group in report["groups"].values():
+        assert len(group["ranks_ms"]) == 2 and group["mean_kv_blocks"] > 0
+    out = capsys.readouterr().out
+    assert "rank 0: mean ms per step" in out and "rank 1: mean ms per step" in out
+    assert "gpu: not measured on cpu" in out
+
+
+def test_tp_profile_wait_is_each_calls_excess_over_the_fastest_rank():
+    from benchmarks import tp_profile
+
+    def rec(t0, reduces, **phases):
+        out = dict(prefill=False, graph=False, rows=2, tokens=2, kv_blocks=3, t0=t0)
+        out.update(all_reduce=reduces, all_gather=[0.001], recv_wait=0.0, unpickle=0.0, send=0.0)
+        return {**out, "inputs": 0.1, "forward": 0.2, "execute": 0.3, **phases}
+
+    engine = [dict(kind="decode", wall=0.5, kv_used=3)]
+    ranks = [[rec(10.0, [0.004, 0.001], send=0.01)], [rec(10.002, [0.001, 0.003])]]
+    (row,) = tp_profile.merge_steps(engine, ranks)
+    r0, r1 = row["ranks"]
+    assert (round(r0["wait"], 6), round(r1["wait"], 6)) == (0.003, 0.002)
+    assert (r0["lag"], round(r1["lag"], 6)) == (0.0, 0.002)
+    assert r0["step"] == 0.5 and r1["step"] == 0.3  # rank 0: the engine step; a worker: its own
+    with pytest.raises(RuntimeError, match="step counts differ"):
+        tp_profile.merge_steps(engine, [ranks[0], []])
+    graph = tp_profile.aggregate([{**row, "graph": True}], lambda n: str(n))
+    assert graph["decode-graph 2"]["ranks_ms"][0]["all_reduce"] is None
