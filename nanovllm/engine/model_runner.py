@@ -96,7 +96,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._warmup_paged_prefill()
         self.decode = make_decode_strategy(config, self._decode_setup())
-        runtime.cuda_graphs = self.decode.statistics()["cuda_graphs"]
+        runtime.cuda_graphs = self.graph_runner is not None
         if self.workers is not None:
             self.workers.end_step()  # an NCCL abort after a worker failure lets a build "finish"
 
