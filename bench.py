@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
     )
     p.add_argument(
+        "--prefill-admission-batch",
+        type=int,
+        help="LLM(prefill_admission_batch=...); default: the engine's (max_num_seqs // 8)",
+    )
+    p.add_argument(
         "--hf-baseline",
         type=int,
         default=0,
@@ -119,6 +124,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        prefill_admission_batch=args.prefill_admission_batch,
     )
     if pipelined:
         options.update(
@@ -145,6 +151,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["throughput_tok_s"] = report(label, tokens, seconds)
     result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     result["preemptions"] = llm.scheduler.num_preemptions - preempted
+    result["prefill_admission_batch"] = llm.scheduler.admission_batch
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

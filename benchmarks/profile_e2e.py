@@ -193,6 +193,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
         enable_pipeline=args.pipeline,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        prefill_admission_batch=args.prefill_admission_batch,
     )
     if args.pipeline:
         options.update(
@@ -231,6 +232,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
     summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
+    summary["prefill_admission_batch"] = llm.scheduler.admission_batch
     summary["compiles_in_timed_run"] = compiled
     summary["gc_pauses"] = gc_stats
     print_summary(summary, tokens)

@@ -32,6 +32,9 @@ class Config:
     model: str
     max_num_batched_tokens: int = 16384
     max_num_seqs: int = 512
+    # While decodes run, new requests are admitted only once at least this many can be (or all
+    # that wait): prefill then runs in fewer, larger steps. None: max_num_seqs // 8 (logged).
+    prefill_admission_batch: int | None = None
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -72,6 +75,14 @@ class Config:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive_int(name)
         positive_int("tensor_parallel_size")
+        if self.prefill_admission_batch is not None:
+            positive_int("prefill_admission_batch")
+            if self.prefill_admission_batch > self.max_num_seqs:
+                bad(
+                    "prefill_admission_batch",
+                    f"use at most max_num_seqs={self.max_num_seqs}, 1 to admit each request as "
+                    "soon as a slot frees, or None for max_num_seqs // 8",
+                )
         u = self.gpu_memory_utilization
         if not isinstance(u, (int, float)) or isinstance(u, bool) or not 0 < u <= 1:
             bad("gpu_memory_utilization", "use a fraction in (0, 1], e.g. 0.9")
@@ -148,6 +159,11 @@ class Config:
         positive_int("pipeline_num_microbatches")
         if self.pipeline_num_microbatches < 2:
             bad("pipeline_num_microbatches", "use 2 or more (the pipeline overlaps micro-batches)")
+
+    def resolved_prefill_admission_batch(self) -> int:
+        if self.prefill_admission_batch is not None:
+            return self.prefill_admission_batch
+        return max(1, self.max_num_seqs // 8)
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -26,6 +26,9 @@ class LLM(LLMEngine):
 
     - ``max_num_batched_tokens=16384``: tokens per prefill step (long prompts are chunked).
     - ``max_num_seqs=512``: sequences per step.
+    - ``prefill_admission_batch=None``: while decodes run, new requests are admitted only once
+      this many (or every waiting one) find a free slot, so prefill comes in fewer, larger
+      steps; None = ``max_num_seqs // 8``, 1 = as soon as a slot frees.
     - ``max_model_len=4096``: prompt + output tokens per sequence (capped by the checkpoint and
       by what the KV cache holds).
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.

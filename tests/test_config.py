@@ -27,6 +27,7 @@ def test_defaults(tiny_model):
     assert c.pipeline_policy == "auto" and c.pipeline_attention_kernel == "triton"
     assert c.pipeline_ffn_gemm == "triton"
     assert c.kv_cache_dtype == "auto"
+    assert c.prefill_admission_batch is None and c.resolved_prefill_admission_batch() == 64
 
 
 def test_valid_non_defaults(tiny_model):
@@ -58,6 +59,9 @@ INVALID = [
     ("max_num_seqs", 0),
     ("max_num_seqs", "8"),
     ("max_model_len", 0),
+    ("prefill_admission_batch", 0),
+    ("prefill_admission_batch", 513),
+    ("prefill_admission_batch", 2.0),
     ("max_model_len", 1024.0),
     ("tensor_parallel_size", 0),
     ("gpu_memory_utilization", 0),

@@ -87,6 +87,7 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=self.runtime.eos_token_ids,
             stop_checker=self._stop_checker if self.tokenizer is not None else None,
+            admission_batch=self._admission_batch(),
         )
         self._closed = False
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
@@ -106,6 +107,17 @@ class LLMEngine:
             return ModelRunner(self.config, self.runtime, workers)
         except BaseException as e:
             raise workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
+
+    def _admission_batch(self) -> int:
+        n = self.config.resolved_prefill_admission_batch()
+        if self.config.prefill_admission_batch is None:
+            logger.info(
+                "prefill_admission_batch=%d (max_num_seqs // 8): while decodes run, new requests "
+                "are admitted %d at a time",
+                n,
+                n,
+            )
+        return n
 
     def _kv_cache_limits(self, max_model_len: int) -> Limits:
         """A KV cache smaller than one max_model_len sequence lowers the effective

@@ -41,6 +41,7 @@ class Scheduler:
         eos_token_ids: set[int],
         headroom_steps: int = 32,
         stop_checker: Callable[[Sequence], str | None] | None = None,
+        admission_batch: int = 1,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -54,6 +55,12 @@ class Scheduler:
         # once, it is recomputed, and the next decode step preempts it again: the recomputation
         # costs more prefill work than the headroom costs in batch size.
         self.headroom_steps = headroom_steps
+        # While decodes run, admit new requests only once ``admission_batch`` of them (or every
+        # waiting one) would find a free slot. Admitting each request as soon as one finishes
+        # gives prefill-only steps of one or two prompts: their GEMMs run far below the matmul
+        # peak, their eager launches cost as much host time as a large step's, and every one
+        # of them stalls the whole decode batch.
+        self.admission_batch = admission_batch
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -85,6 +92,10 @@ class Scheduler:
         for seq in self.running:  # sequences in the middle of a chunked prefill
             if budget and seq.needs_prefill:
                 take(seq)
+        if not batch.seqs and self.running and self.waiting:
+            free_slots = self.max_num_seqs - len(self.running)
+            if free_slots < min(self.admission_batch, len(self.waiting)):
+                return batch  # decode on; admit once enough slots have freed
         reserve = None  # blocks the running sequences' headroom needs; computed when needed
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

@@ -300,3 +300,56 @@ def test_stop_checker_ends_a_sequence_with_stop():
     step(sched, 9)
     assert stopped.finish_reason == "stop" and stopped.stop_reason == "xy"
     assert not plain.is_finished and set(calls) == {stopped.seq_id}  # only for stop strings
+
+
+def test_admission_waits_for_a_batch_of_free_slots_while_decodes_run():
+    sched = make_scheduler(max_num_seqs=4, admission_batch=2)
+    running = [make_seq(5, start=10 * i + 1, max_tokens=2 + i) for i in range(4)]
+    for seq in running:
+        sched.add(seq)
+    assert step(sched).is_prefill  # nothing running: admitted at once
+    late = [make_seq(5, start=100 + 10 * i) for i in range(2)]
+    for seq in late:
+        sched.add(seq)
+    # running[0] finishes after this step: one slot free, fewer than 2 -> decode on.
+    assert not step(sched).is_prefill
+    assert running[0].is_finished and len(sched.running) == 3
+    batch = step(sched)
+    assert not batch.is_prefill and late[0] not in batch.seqs
+    assert running[1].is_finished  # now two slots are free: both late requests come in together
+    batch = step(sched)
+    assert batch.is_prefill and batch.seqs == late
+
+
+def test_admission_batch_never_holds_back_the_last_waiting_requests():
+    sched = make_scheduler(max_num_seqs=4, admission_batch=3)
+    first = [make_seq(5, start=10 * i + 1, max_tokens=1 + (i > 0) * 50) for i in range(4)]
+    for seq in first:
+        sched.add(seq)
+    step(sched)  # prefill of all four; first[0] samples its only token and finishes
+    assert first[0].is_finished
+    last = make_seq(5, start=200)
+    sched.add(last)
+    # One slot free, one request waiting: min(3, 1) = 1 -> admitted now.
+    batch = step(sched)
+    assert batch.is_prefill and batch.seqs == [last]
+
+
+def test_admission_batch_does_not_delay_a_chunked_prefill_in_flight():
+    sched = make_scheduler(max_num_seqs=4, max_num_batched_tokens=16, admission_batch=4)
+    a = make_seq(5, max_tokens=50)
+    sched.add(a)
+    step(sched)
+    b = make_seq(40, start=100)
+    c = make_seq(5, start=300)
+    sched.add(b)
+    sched.add(c)
+    # 3 free slots < min(4, 2 waiting)? no: 3 >= 2 -> both admitted, b chunked.
+    batch = step(sched)
+    assert batch.is_prefill and b in batch.seqs
+    sched.add(make_seq(5, start=500))
+    sched.add(make_seq(5, start=600))
+    # One free slot for two newcomers holds their admission back, but not b's prefill in
+    # flight: its next chunk (the whole budget) runs now.
+    batch = step(sched)
+    assert batch.is_prefill and batch.seqs == [b] and batch.num_new_tokens == [16]
