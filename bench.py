@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
     )
+    p.add_argument("--max-num-seqs", type=int, help="LLM(max_num_seqs=...); default: the engine's")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="LLM(max_num_batched_tokens=...); default: the engine's",
+    )
     p.add_argument(
         "--prefill-admission-batch",
         type=int,
@@ -126,6 +132,9 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
     )
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if pipelined:
         options.update(
             enable_pipeline=True,
@@ -152,6 +161,8 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     result["preemptions"] = llm.scheduler.num_preemptions - preempted
     result["prefill_admission_batch"] = llm.scheduler.admission_batch
+    result["max_num_seqs"] = llm.config.max_num_seqs
+    result["max_num_batched_tokens"] = llm.config.max_num_batched_tokens
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

@@ -195,6 +195,9 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
     )
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.pipeline:
         options.update(
             pipeline_attention_sm_count=args.attention_sms,

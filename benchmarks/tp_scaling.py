@@ -32,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int], list[int]]:
-    p = argparse.ArgumentParser(description=__doc__, add_help=True)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--num-seqs", type=int, nargs="+", help="request counts (default 512 1024)")
     p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=1, help="rounds; the order reverses each round")

@@ -1,13 +1,16 @@
-"""Does admitting new requests in batches pay? ``bench.py``'s workload once per
-``prefill_admission_batch`` value, in one process, on the same requests (issue 15's prefill
-question: the bench workload's prefill came in hundreds of steps of one to three prompts).
+"""One scheduling option, several values: ``bench.py``'s workload once per value of ``--option``,
+in one process, on the same requests. Does admitting new requests in batches pay
+(``prefill_admission_batch``)? Does a larger batch cap pay where the KV cache holds more
+(``max_num_seqs``)?
 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
 ratios are against the first value. Every other option is ``bench.py``'s.
 
-    python benchmarks/admission_batch.py --shape 8b --values 1 64 128 --json OUT
-    python benchmarks/admission_batch.py --quick --device cpu --values 1 4
+    python benchmarks/option_sweep.py --shape 8b --option prefill_admission_batch --values 1 64
+    python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
+        --option max_num_seqs --values 512 1024 --json OUT
+    python benchmarks/option_sweep.py --quick --device cpu --values 1 4
 """
 
 from __future__ import annotations
@@ -30,26 +33,30 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
+OPTIONS = ("prefill_admission_batch", "max_num_seqs", "max_num_batched_tokens")
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--values", type=int, nargs="+", default=[1, 64], help="admission batches")
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int]]:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    p.add_argument("--option", choices=OPTIONS, default="prefill_admission_batch")
+    p.add_argument("--values", type=int, nargs="+", default=[1, 64], help="the option's values")
     p.add_argument("--rounds", type=int, default=1, help="rounds; the order reverses each round")
     ours, rest = p.parse_known_args(argv)
-    for bad in ("--compare-pipeline", "--hf-baseline", "--prefill-admission-batch", "--rounds"):
+    swept = "--" + ours.option.replace("_", "-")
+    for bad in ("--compare-pipeline", "--hf-baseline", swept, "--rounds"):
         if any(a == bad or a.startswith(bad + "=") for a in rest):
-            p.error(f"{bad} is not an admission_batch option (it compares --values)")
+            p.error(f"{bad}: option_sweep.py sets {ours.option} from --values")
     if ours.rounds < 1:
         p.error(f"--rounds {ours.rounds}: run at least 1 round")
     if any(v < 1 for v in ours.values):
         p.error(f"--values {ours.values}: each value must be >= 1")
     args = bench.parse_args(rest)
     args.rounds = ours.rounds
-    return args, ours.values
+    return args, ours.option, ours.values
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, values = parse_args(argv)
+    args, option, values = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     device = resolve_device(args.device)
     env = environment(device)
@@ -61,25 +68,25 @@ def main(argv: list[str] | None = None) -> dict:
     order = [v for r in range(args.rounds) for v in (values if r % 2 == 0 else values[::-1])]
     results = []
     for value in order:
-        print(f"prefill_admission_batch={value}")
-        args.prefill_admission_batch = value
+        print(f"{option}={value}")
+        setattr(args, option, value)
         result, llm = bench.run_variant(args, path, device, False, prompts, params)
         results.append(result)
         release_engine(llm)
         llm = None
         free_memory()
     medians = {
-        v: statistics.median(
-            r["throughput_tok_s"] for r in results if r["prefill_admission_batch"] == v
-        )
+        v: statistics.median(r["throughput_tok_s"] for r in results if r[option] == v)
         for v in values
     }
     ratios = {v: medians[v] / medians[values[0]] for v in values}
     for v in values[1:]:
-        print(f"prefill_admission_batch {v} / {values[0]}: {ratios[v]:.3f} (medians)")
-    args.prefill_admission_batch = None
-    payload = {"script": "benchmarks/admission_batch.py", "environment": env, "args": vars(args)}
-    payload.update(values=values, results=results, median_tok_s=medians, ratio=ratios)
+        print(f"{option} {v} / {values[0]}: {ratios[v]:.3f} (medians)")
+    setattr(args, option, None)
+    payload = {"script": "benchmarks/option_sweep.py", "environment": env, "args": vars(args)}
+    payload.update(
+        option=option, values=values, results=results, median_tok_s=medians, ratio=ratios
+    )
     write_json(args.json, payload)
     return payload
 
