@@ -80,12 +80,13 @@ class StepRecorder:
         self._wrap(scheduler, "schedule", "schedule")
         self._wrap(runner, "execute", "forward", sync=True)
         self._wrap(runner, "_sample", "sample")
+        self._wrap(runner, "collect", "sample")  # the tokens' copy to the host
         self._wrap(scheduler, "postprocess", "postprocess")
         original_plan = self._plan_step
 
-        def plan(batch, block_size):
+        def plan(batch, block_size, *args):
             t = time.perf_counter()
-            out = original_plan(batch, block_size)
+            out = original_plan(batch, block_size, *args)
             self._current["plan"] = time.perf_counter() - t
             self._current["context"] = sum(out.context_lens) if out.context_lens else 0
             blocks = llm.scheduler.block_manager

@@ -35,6 +35,8 @@ class Config:
     # While decodes run, new requests are admitted only once at least this many can be (or all
     # that wait): prefill then runs in fewer, larger steps. None: max_num_seqs // 8 (logged).
     prefill_admission_batch: int | None = None
+    # Schedule and issue decode step n+1 before reading step n's tokens (engine/llm_engine.py).
+    async_scheduling: bool = False
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -130,6 +132,7 @@ class Config:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("seed", "use an integer")
         for name in (
+            "async_scheduling",
             "enforce_eager",
             "enable_prefix_caching",
             "skip_tokenizer_init",

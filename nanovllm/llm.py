@@ -34,6 +34,9 @@ class LLM(LLMEngine):
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.
     - ``tensor_parallel_size=1``: ranks (GPUs, or CPU processes) per engine.
     - ``enforce_eager=False``: True disables CUDA graphs.
+    - ``async_scheduling=False``: True schedules and issues each decode step before the
+      previous step's tokens reach the host (greedy and seeded outputs unchanged; unseeded
+      sampling draws differently, as discarded rows advance the generator).
     - ``kvcache_block_size=256``: tokens per KV block (a multiple of 16).
     - ``num_kvcache_blocks=None``: the KV block count (None: sized from free memory).
     - ``enable_prefix_caching=True``: reuse the KV blocks of identical prefixes.

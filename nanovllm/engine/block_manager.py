@@ -106,12 +106,17 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
         seq.last_hash = -1
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for the K/V of every token of ``seq`` (the last one is computed next step)."""
-        return seq.num_blocks - len(seq.block_table) <= self.num_free_blocks
+    def blocks_to_append(self, seq: Sequence, extra: int = 0) -> int:
+        """Blocks ``seq`` lacks for its tokens plus ``extra`` sampled but not yet appended."""
+        needed = -(-(len(seq) + extra) // self.block_size)
+        return max(0, needed - len(seq.block_table))
 
-    def append(self, seq: Sequence) -> None:
-        while len(seq.block_table) < seq.num_blocks:
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        """Room for the K/V of every token of ``seq`` (the last one is computed next step)."""
+        return self.blocks_to_append(seq, extra) <= self.num_free_blocks
+
+    def append(self, seq: Sequence, extra: int = 0) -> None:
+        for _ in range(self.blocks_to_append(seq, extra)):
             seq.block_table.append(self._take_free().block_id)
 
     def register_computed(self, seq: Sequence) -> None:

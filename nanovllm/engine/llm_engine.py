@@ -90,6 +90,8 @@ class LLMEngine:
             admission_batch=self._admission_batch(),
         )
         self._closed = False
+        self._in_flight = None  # async scheduling: the decode step issued, tokens not yet read
+        self.num_steps = 0  # model steps whose tokens were read
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, self.model_runner.close)
 
@@ -185,19 +187,56 @@ class LLMEngine:
 
     def step(self) -> tuple[list[Sequence], int]:
         """One engine step; returns the sequences that finished and the tokens processed
-        (positive for prefill, negative for decode, as nano-vllm reports them)."""
-        batch = self.scheduler.schedule()
-        finished = self.scheduler.take_finished()  # ended while scheduling (KV cache full)
-        if not batch.seqs:
-            return finished, 0
-        tokens = self.model_runner.run(batch)
+        (positive for prefill, negative for decode, as nano-vllm reports them).
+
+        With ``async_scheduling`` a decode step is issued, then the next decode step is
+        scheduled and issued while it runs (its input tokens read on the device), and only
+        then are the first step's tokens read and post-processed: the host's scheduling,
+        input building and sampling set-up leave the GPU's critical path. A sequence that the
+        first step ends on a sampled EOS or stop string computes one row in the next step that
+        is discarded; stop conditions and greedy or seeded outputs are those of the
+        synchronous engine. Prefill steps, steps with logprobs, admissions and preemptions
+        run synchronously."""
+        finished: list[Sequence] = []
+        if self._in_flight is None:
+            batch = self.scheduler.schedule()
+            finished = self.scheduler.take_finished()  # ended while scheduling (KV cache full)
+            if not batch.seqs:
+                return finished, 0
+            if not self._may_run_ahead(batch):
+                return finished + self._postprocess(batch, self.model_runner.run(batch)), (
+                    batch.num_tokens if batch.is_prefill else -len(batch.seqs)
+                )
+            self._in_flight = self.model_runner.launch(batch)
+        launched = self._in_flight
+        self._in_flight = None
+        ahead = self.scheduler.schedule_ahead(launched.batch)
+        if ahead is not None:
+            self._in_flight = self.model_runner.launch(ahead)
+        live = sum(1 for s in launched.batch.seqs if not s.is_finished)
+        tokens = self.model_runner.collect(launched)
+        return finished + self._postprocess(launched.batch, tokens), -live
+
+    def _progress_marker(self) -> tuple:
+        s = self.scheduler
+        return len(s.waiting), len(s.running), self.num_steps
+
+    def _may_run_ahead(self, batch) -> bool:
+        return (
+            self.config.async_scheduling
+            and not batch.is_prefill
+            and all(s.params.logprobs is None for s in batch.seqs)
+        )
+
+    def _postprocess(self, batch, tokens: list[int | None]) -> list[Sequence]:
+        """Apply ``tokens``; the sequences of ``batch`` that this ended."""
+        self.num_steps += 1
+        running = [s for s in batch.seqs if not s.is_finished]
         self.scheduler.postprocess(batch, tokens)
-        finished += [s for s in batch.seqs if s.is_finished]
-        n = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
-        return finished, n
+        return [s for s in running if s.is_finished]
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self._in_flight is None
 
     # ----------------------------------------------------------------- generate
     def generate(
@@ -221,9 +260,9 @@ class LLMEngine:
         try:
             while not self.is_finished():
                 t = time.perf_counter()
-                before = (len(self.scheduler.waiting), len(self.scheduler.running))
+                before = self._progress_marker()
                 finished, n = self.step()
-                if n == 0 and before == (len(self.scheduler.waiting), len(self.scheduler.running)):
+                if n == 0 and before == self._progress_marker():
                     # Cannot happen by construction (requests that can never fit are refused
                     # when added); never spin if it ever does.
                     raise RuntimeError(
@@ -246,6 +285,7 @@ class LLMEngine:
 
     def _abort(self) -> None:
         """Drop every queued or running request (after an exception), freeing their blocks."""
+        self._in_flight = None  # its tokens are dropped with the requests
         s = self.scheduler
         for seq in list(s.running):
             s.finish(seq, "abort")

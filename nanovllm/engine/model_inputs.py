@@ -49,6 +49,11 @@ class StepPlan:
     # decode; prefill too when some sequence continues after cached or computed tokens
     context_lens: list[int] | None = None
     block_tables: list[list[int]] | None = None  # rows padded with -1
+    # A decode step scheduled ahead: row i's input token is row prev_rows[i] of the tokens the
+    # previous step sampled (still on the device; input_ids holds placeholders), whose
+    # prev_num_rows rows every rank gets from rank 0 (see ModelRunner.execute).
+    prev_rows: list[int] | None = None
+    prev_num_rows: int = 0
 
 
 def _block_table_rows(batch: ScheduledBatch) -> list[list[int]]:
@@ -89,14 +94,16 @@ def plan_prefill(batch: ScheduledBatch, block_size: int) -> StepPlan:
     )
 
 
-def plan_decode(batch: ScheduledBatch, block_size: int) -> StepPlan:
+def plan_decode(batch: ScheduledBatch, block_size: int, prev_num_rows: int = 0) -> StepPlan:
     input_ids, positions, slot_mapping, context_lens = [], [], [], []
+    ahead = batch.lookahead  # 1: the input token is the previous step's, not yet appended
     for seq in batch.seqs:
-        pos = len(seq) - 1
-        input_ids.append(seq.last_token)
+        n = len(seq) + ahead
+        pos = n - 1
+        input_ids.append(0 if ahead else seq.last_token)
         positions.append(pos)
         slot_mapping.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
-        context_lens.append(len(seq))
+        context_lens.append(n)
     return StepPlan(
         is_prefill=False,
         input_ids=input_ids,
@@ -105,11 +112,15 @@ def plan_decode(batch: ScheduledBatch, block_size: int) -> StepPlan:
         sampling_rows=list(range(len(batch.seqs))),
         context_lens=context_lens,
         block_tables=_block_table_rows(batch),
+        prev_rows=batch.prev_rows,
+        prev_num_rows=prev_num_rows if batch.prev_rows is not None else 0,
     )
 
 
-def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
-    return (plan_prefill if batch.is_prefill else plan_decode)(batch, block_size)
+def plan_step(batch: ScheduledBatch, block_size: int, prev_num_rows: int = 0) -> StepPlan:
+    if batch.is_prefill:
+        return plan_prefill(batch, block_size)
+    return plan_decode(batch, block_size, prev_num_rows)
 
 
 def to_model_inputs(
@@ -151,7 +162,7 @@ def prepare_sampling(
     params = [seq.params for seq in seqs]
     seeds, banned = [], []
     for j, (seq, p) in enumerate(zip(seqs, params)):
-        step = seq.num_completion_tokens
+        step = seq.num_completion_tokens + batch.lookahead
         seeds.append(-1 if p.seed is None else row_seed(p.seed, step))
         if step < p.min_tokens:
             ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))

@@ -12,10 +12,11 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanovllm.attention import AttentionMetadata, select_attention_backend
+from nanovllm.attention import select_attention_backend
 from nanovllm.config import Config, RuntimeInfo, kv_cache_torch_dtype
 from nanovllm.engine.cuda_graph import DecodeBuffers, DecodeGraphRunner
 from nanovllm.engine.kv_cache import allocate_kv_cache, num_blocks_for
+from nanovllm.engine.launched import LaunchedStep, TokenCopies
 from nanovllm.engine.model_inputs import (
     ModelInputs,
     StepPlan,
@@ -24,6 +25,7 @@ from nanovllm.engine.model_inputs import (
     to_model_inputs,
 )
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.warmup import warmup_max_prefill, warmup_paged_prefill
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.models import model_class
@@ -32,6 +34,7 @@ from nanovllm.pipeline.strategy import make_decode_strategy
 from nanovllm.utils.compile import enable_fusion
 from nanovllm.utils.distributed import synchronize_within, tensor_parallel
 from nanovllm.utils.loader import init_dummy_weights, load_model
+from nanovllm.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,13 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
         if self.device.type == "cuda":
-            self._warmup()
+            warmup_max_prefill(
+                self.model,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                runtime.max_model_len,
+                self.device,
+            )
         kv_dtype = runtime.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         num_blocks = num_blocks_for(config, self.model, kv_dtype, self.device, baseline_reserved)
         if self.world_size > 1:
@@ -94,7 +103,10 @@ class ModelRunner:
             self.model, runtime.num_kvcache_blocks, self.block_size, kv_dtype, self.device
         )
         if self.device.type == "cuda":
-            self._warmup_paged_prefill()
+            warmup_paged_prefill(self.model, self.device)
+        self._token_copies = TokenCopies(config.max_num_seqs, self.device)
+        self._last_sampled: torch.Tensor | None = None  # rank 0: the latest step's samples
+        self._in_flight = 0  # steps launched and not yet collected (rank 0)
         self.decode = make_decode_strategy(config, self._decode_setup())
         runtime.cuda_graphs = self.graph_runner is not None
         if self.workers is not None:
@@ -144,48 +156,6 @@ class ModelRunner:
             buffers=buffers,
         )
 
-    @torch.inference_mode()
-    def _warmup(self) -> None:
-        """One maximal prefill without a KV cache, so the allocator's peak counts activations."""
-        cfg = self.config
-        seq_len = min(cfg.max_num_batched_tokens, self.runtime.max_model_len)
-        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
-        cu = torch.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=torch.int32)
-        n = num_seqs * seq_len
-        meta = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=torch.full((n,), -1, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=cu.to(self.device),
-            cu_seqlens_k=cu.to(self.device),
-            max_seqlen_q=seq_len,
-            max_seqlen_k=seq_len,
-        )
-        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
-        hidden = self.model(ids, pos, meta)
-        self.model.compute_logits(hidden[cu[1:].to(self.device).long() - 1])
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-    @torch.inference_mode()
-    def _warmup_paged_prefill(self) -> None:
-        """A one-token prefill after a one-token cached prefix, the path of chunked prefill and
-        prefix-cache hits: its kernels compile now, not inside the first request that takes it
-        (seconds per Triton kernel). Writes nothing (slot -1)."""
-        i32 = dict(dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=torch.full((1,), -1, **i32),
-            cu_seqlens_q=torch.tensor([0, 1], **i32),
-            cu_seqlens_k=torch.tensor([0, 2], **i32),
-            max_seqlen_q=1,
-            max_seqlen_k=2,
-            block_tables=torch.zeros(1, 1, **i32),
-        )
-        ids = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.model(ids, torch.ones_like(ids), meta)
-        torch.cuda.synchronize()
-
     def run_model(self, inputs: ModelInputs, is_prefill: bool) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden]."""
         if is_prefill:
@@ -196,39 +166,79 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward of one step, on every rank alike; the sampling rows' logits, or None."""
         inputs = to_model_inputs(plan, self.device, self.backend)
+        if plan.prev_rows is not None:
+            prev = self._previous_samples(plan.prev_num_rows)
+            inputs.input_ids = prev[to_device(plan.prev_rows, torch.int64, self.device)]
         hidden = self.run_model(inputs, plan.is_prefill)
         if not plan.sampling_rows:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
+    def _previous_samples(self, num_rows: int) -> torch.Tensor:
+        """The token ids rank 0 sampled in the step before [num_rows], on every rank: a step
+        scheduled ahead reads its inputs from them on the device. Rank 0 broadcasts (on its
+        stream, after that step's sampling); the workers receive."""
+        if self.world_size == 1:
+            return self._last_sampled
+        if self.rank == 0:
+            buf = self._last_sampled
+        else:
+            buf = torch.empty(num_rows, dtype=torch.int64, device=self.device)
+        dist.broadcast(buf, src=0)
+        return buf
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Sampled token per scheduled sequence (None where a chunked prefill continues)."""
-        plan = plan_step(batch, self.block_size)
-        if self.workers is None:
-            return self._sample(batch, plan, self.execute(plan))
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Issue ``batch``'s forward and sampling; the host does not wait for the tokens
+        (``collect`` does). A batch scheduled ahead (``batch.prev_rows``) reads its input
+        tokens from the step launched just before it, which must not be collected yet."""
+        prev_rows = self._last_sampled.shape[0] if batch.prev_rows is not None else 0
+        plan = plan_step(batch, self.block_size, prev_rows)
         try:
-            self.workers.send(plan)  # first: the workers' forward overlaps rank 0's
-            tokens = self._sample(batch, plan, self.execute(plan))
-            self.workers.end_step()  # after _sample's host sync: the step really completed
-            return tokens
+            if self.workers is not None:
+                self.workers.send(plan)  # first: the workers' forward overlaps rank 0's
+            self._in_flight += 1
+            logits = self.execute(plan)
+            if logits is None:
+                return LaunchedStep(batch, plan, None, None, None)
+            sampled = self._sample(batch, plan, logits)
+            self._last_sampled = sampled
+            host, event = self._token_copies.start(sampled)
+            return LaunchedStep(batch, plan, sampled, host, event)
         except BaseException as e:
+            if self.workers is None:
+                raise
             raise self.workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
 
-    def _sample(self, batch: ScheduledBatch, plan: StepPlan, logits) -> list[int | None]:
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        if logits is None:
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        """``step``'s sampled token per scheduled sequence, once its copy to the host is done."""
+        try:
+            tokens = step.tokens()
+            self._in_flight -= 1
+            if self.workers is not None and not self._in_flight:
+                self.workers.end_step()  # after the host sync: every launched step completed
             return tokens
+        except BaseException as e:
+            if self.workers is None:
+                raise
+            raise self.workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
+
+    def _sample(self, batch: ScheduledBatch, plan: StepPlan, logits) -> torch.Tensor:
+        """Sampled ids [len(plan.sampling_rows)] int64 on the device; the rows that asked for
+        logprobs get them now (a host sync: such steps are never scheduled ahead)."""
         rows = plan.sampling_rows
         params = prepare_sampling(batch, rows, self.device, self.runtime.eos_token_ids)
-        sampled_t = self.sampler(logits, params, generator=self.generator)
-        for row, token in zip(rows, sampled_t.tolist()):
-            tokens[row] = token
+        sampled_t = self.sampler(logits, params, generator=self.generator).long()
         wanted = [(j, batch.seqs[r].params.logprobs) for j, r in enumerate(rows)]
         wanted = [(j, n) for j, n in wanted if n is not None]
         for (j, _), entry in zip(wanted, top_logprobs(logits, sampled_t, wanted)):
             batch.seqs[rows[j]].logprobs.append(entry)  # the token's own entry
-        return tokens
+        return sampled_t
 
     @property
     def graph_runner(self):

@@ -21,6 +21,11 @@ class ScheduledBatch:
     is_prefill: bool
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    # A decode step scheduled ahead (async scheduling) while the step before it still runs:
+    # each sequence then has one sampled token not yet appended (``lookahead`` = 1), which is
+    # this step's input, read on the device from row ``prev_rows[i]`` of that step's samples.
+    lookahead: int = 0
+    prev_rows: list[int] | None = None
 
     def samples(self, i: int) -> bool:
         seq = self.seqs[i]
@@ -145,6 +150,49 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(1)
         return batch
+
+    def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after ``prev`` (a decode step still running, its tokens not yet
+        appended), or None where only the regular ``schedule()`` may decide: new requests are
+        due for admission, a prefill is unfinished, or a sequence would need a block that is
+        not free (preemption). Sequences that ``prev`` certainly ends (max_tokens,
+        max_model_len) are left out; one that ends on a sampled EOS or stop string computes
+        one discarded row."""
+        if prev.is_prefill or self._admission_due():
+            return None
+        live = {id(s) for s in self.running if s.status == SequenceStatus.RUNNING}
+        rows = [
+            i
+            for i, s in enumerate(prev.seqs)
+            if s.status == SequenceStatus.RUNNING and id(s) in live
+        ]
+        if len(rows) != len(live):
+            return None  # something running is not decoding in ``prev`` (a prefill chunk)
+        ahead = ScheduledBatch(is_prefill=False, lookahead=1, prev_rows=[])
+        need = 0
+        for i in rows:
+            seq = prev.seqs[i]
+            done = len(seq) + 1  # with prev's token
+            if seq.num_completion_tokens + 1 >= seq.params.max_tokens or done >= self.max_model_len:
+                continue
+            need += self.block_manager.blocks_to_append(seq, extra=1)
+            ahead.seqs.append(seq)
+            ahead.num_new_tokens.append(1)
+            ahead.prev_rows.append(i)
+        if not ahead.seqs or need > self.block_manager.num_free_blocks:
+            return None
+        for seq in ahead.seqs:
+            self.block_manager.append(seq, extra=1)
+        return ahead
+
+    def _admission_due(self) -> bool:
+        """Would ``schedule()`` admit a waiting request now (a prefill step)?"""
+        if not self.waiting:
+            return False
+        free_slots = self.max_num_seqs - len(self.running)
+        if free_slots < min(self.admission_batch, len(self.waiting)):
+            return False
+        return self.block_manager.can_allocate(self.waiting[0])
 
     def _headroom_blocks(self, seq: Sequence) -> int:
         """Blocks ``seq`` needs beyond its current ones for its next ``headroom_steps`` tokens."""

@@ -105,6 +105,21 @@ def test_ranks_stay_in_step_under_preemption_chunking_and_prefix_hits(tiny_model
     assert port_is_free(port)
 
 
+def test_async_scheduling_keeps_the_ranks_in_step(tiny_model, reference):
+    # Steps issued ahead read their input tokens from rank 0's samples of the step before,
+    # broadcast to every rank; preemption and chunking fall back to synchronous steps.
+    prompts, expected = reference
+    llm = llm_of(tiny_model, async_scheduling=True, num_kvcache_blocks=8, max_num_batched_tokens=32)
+    llm.scheduler.headroom_steps = 0
+    calls = []
+    real = llm.scheduler.schedule_ahead
+    llm.scheduler.schedule_ahead = lambda prev: calls.append(real(prev)) or calls[-1]
+    assert tokens(llm, prompts) == expected
+    assert any(c is not None for c in calls) and llm.scheduler.num_preemptions > 0
+    llm.exit()
+    assert_nothing_left(llm)
+
+
 def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, reference):
     # The GPU test compares TP=2 with TP=1 on dummy weights: each rank must keep its shard of
     # the same full tensors.
