@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="LLM(max_num_batched_tokens=...); default: the engine's",
     )
+    p.add_argument("--async-scheduling", action="store_true", help="LLM(async_scheduling=True)")
     p.add_argument(
         "--prefill-admission-batch",
         type=int,
@@ -131,6 +132,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
+        async_scheduling=bool(args.async_scheduling),
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
@@ -163,6 +165,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["prefill_admission_batch"] = llm.scheduler.admission_batch
     result["max_num_seqs"] = llm.config.max_num_seqs
     result["max_num_batched_tokens"] = llm.config.max_num_batched_tokens
+    result["async_scheduling"] = llm.config.async_scheduling
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

@@ -1,7 +1,8 @@
 """One scheduling option, several values: ``bench.py``'s workload once per value of ``--option``,
 in one process, on the same requests. Does admitting new requests in batches pay
 (``prefill_admission_batch``)? Does a larger batch cap pay where the KV cache holds more
-(``max_num_seqs``)?
+(``max_num_seqs``)? Does issuing the next decode step before reading the tokens
+(``async_scheduling``, values 0 and 1) pay?
 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
@@ -10,6 +11,7 @@ ratios are against the first value. Every other option is ``bench.py``'s.
     python benchmarks/option_sweep.py --shape 8b --option prefill_admission_batch --values 1 64
     python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
         --option max_num_seqs --values 512 1024 --json OUT
+    python benchmarks/option_sweep.py --shape 8b --option async_scheduling --values 0 1 --rounds 2
     python benchmarks/option_sweep.py --quick --device cpu --values 1 4
 """
 
@@ -33,7 +35,9 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-OPTIONS = ("prefill_admission_batch", "max_num_seqs", "max_num_batched_tokens")
+# The swept LLM options; a flag's values are 0 and 1.
+OPTIONS = ("prefill_admission_batch", "max_num_seqs", "max_num_batched_tokens", "async_scheduling")
+FLAGS = ("async_scheduling",)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int]]:
@@ -48,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
             p.error(f"{bad}: option_sweep.py sets {ours.option} from --values")
     if ours.rounds < 1:
         p.error(f"--rounds {ours.rounds}: run at least 1 round")
-    if any(v < 1 for v in ours.values):
+    if ours.option in FLAGS and any(v not in (0, 1) for v in ours.values):
+        p.error(f"--values {ours.values}: {ours.option} is a flag: use 0 and 1")
+    if ours.option not in FLAGS and any(v < 1 for v in ours.values):
         p.error(f"--values {ours.values}: each value must be >= 1")
     args = bench.parse_args(rest)
     args.rounds = ours.rounds
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for value in order:
         print(f"{option}={value}")
-        setattr(args, option, value)
+        setattr(args, option, bool(value) if option in FLAGS else value)
         result, llm = bench.run_variant(args, path, device, False, prompts, params)
         results.append(result)
         release_engine(llm)
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {v: medians[v] / medians[values[0]] for v in values}
     for v in values[1:]:
         print(f"{option} {v} / {values[0]}: {ratios[v]:.3f} (medians)")
-    setattr(args, option, None)
+    setattr(args, option, False if option in FLAGS else None)
     payload = {"script": "benchmarks/option_sweep.py", "environment": env, "args": vars(args)}
     payload.update(
         option=option, values=values, results=results, median_tok_s=medians, ratio=ratios

@@ -195,6 +195,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
+        async_scheduling=bool(args.async_scheduling),
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:

@@ -14,6 +14,10 @@ from nanovllm.attention import backend_names
 # per-layer scale (engine/kv_cache.py says why), half the bytes of bf16 per token.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 FP8_KV_DTYPE = torch.float8_e4m3fn
+# The default batch cap per GPU: a tensor-parallel engine holds each sequence's KV heads split
+# over its ranks, so N ranks hold about N times the sequences, and its per-step costs (host
+# work, collectives) are then shared by more rows.
+MAX_NUM_SEQS_PER_GPU = 512
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +35,8 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
 class Config:
     model: str
     max_num_batched_tokens: int = 16384
-    max_num_seqs: int = 512
+    # Sequences per step; None: MAX_NUM_SEQS_PER_GPU per tensor-parallel rank.
+    max_num_seqs: int | None = None
     # While decodes run, new requests are admitted only once at least this many can be (or all
     # that wait): prefill then runs in fewer, larger steps. None: max_num_seqs // 8 (logged).
     prefill_admission_batch: int | None = None
@@ -74,9 +79,11 @@ class Config:
                 f"model folder {self.model!r} does not exist: pass the path of a Hugging Face "
                 "Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer files)"
             )
+        positive_int("tensor_parallel_size")
+        if self.max_num_seqs is None:
+            self.max_num_seqs = MAX_NUM_SEQS_PER_GPU * self.tensor_parallel_size
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive_int(name)
-        positive_int("tensor_parallel_size")
         if self.prefill_admission_batch is not None:
             positive_int("prefill_admission_batch")
             if self.prefill_admission_batch > self.max_num_seqs:

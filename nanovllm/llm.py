@@ -25,7 +25,8 @@ class LLM(LLMEngine):
     Options (``nanovllm.config.Config``; a bad value is a ValueError naming it and the fix):
 
     - ``max_num_batched_tokens=16384``: tokens per prefill step (long prompts are chunked).
-    - ``max_num_seqs=512``: sequences per step.
+    - ``max_num_seqs=None``: sequences per step; None = 512 per GPU (512 x
+      ``tensor_parallel_size``).
     - ``prefill_admission_batch=None``: while decodes run, new requests are admitted only once
       this many (or every waiting one) find a free slot, so prefill comes in fewer, larger
       steps; None = ``max_num_seqs // 8``, 1 = as soon as a slot frees.

@@ -28,6 +28,13 @@ def test_defaults(tiny_model):
     assert c.pipeline_ffn_gemm == "triton"
     assert c.kv_cache_dtype == "auto"
     assert c.prefill_admission_batch is None and c.resolved_prefill_admission_batch() == 64
+    assert c.async_scheduling is False
+
+
+def test_the_batch_cap_scales_with_the_ranks_unless_given(tiny_model):
+    two = Config(tiny_model, tensor_parallel_size=2)
+    assert two.max_num_seqs == 1024 and two.resolved_prefill_admission_batch() == 128
+    assert Config(tiny_model, tensor_parallel_size=2, max_num_seqs=300).max_num_seqs == 300
 
 
 def test_valid_non_defaults(tiny_model):
@@ -62,6 +69,7 @@ INVALID = [
     ("prefill_admission_batch", 0),
     ("prefill_admission_batch", 513),
     ("prefill_admission_batch", 2.0),
+    ("async_scheduling", 1),
     ("max_model_len", 1024.0),
     ("tensor_parallel_size", 0),
     ("gpu_memory_utilization", 0),

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from nanovllm.config import Config, RuntimeInfo, check_tensor_parallel
+from nanovllm.config import MAX_NUM_SEQS_PER_GPU, Config, RuntimeInfo, check_tensor_parallel
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.requests import (
@@ -57,6 +57,13 @@ class LLMEngine:
                 f"{sorted(Config.field_names() - {'model'})}"
             )
         self.config = config = Config(model, **kwargs)
+        if kwargs.get("max_num_seqs") is None:
+            logger.info(
+                "max_num_seqs=%d (%d per GPU, tensor_parallel_size=%d)",
+                config.max_num_seqs,
+                MAX_NUM_SEQS_PER_GPU,
+                config.tensor_parallel_size,
+            )
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
         check_supported_config(hf_config)
@@ -285,7 +292,9 @@ class LLMEngine:
 
     def _abort(self) -> None:
         """Drop every queued or running request (after an exception), freeing their blocks."""
-        self._in_flight = None  # its tokens are dropped with the requests
+        if self._in_flight is not None:  # its tokens are dropped with the requests
+            self.model_runner.discard(self._in_flight)
+            self._in_flight = None
         s = self.scheduler
         for seq in list(s.running):
             s.finish(seq, "abort")

@@ -228,6 +228,10 @@ class ModelRunner:
                 raise
             raise self.workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
 
+    def discard(self, step: LaunchedStep) -> None:
+        """Forget a launched step without reading its tokens (its requests were aborted)."""
+        self._in_flight = max(0, self._in_flight - 1)
+
     def _sample(self, batch: ScheduledBatch, plan: StepPlan, logits) -> torch.Tensor:
         """Sampled ids [len(plan.sampling_rows)] int64 on the device; the rows that asked for
         logprobs get them now (a host sync: such steps are never scheduled ahead)."""

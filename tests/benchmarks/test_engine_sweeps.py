@@ -17,6 +17,16 @@ def test_option_sweep_sets_the_option_on_each_engine(capsys):
     assert "max_num_seqs 8 / 2" in capsys.readouterr().out
 
 
+def test_option_sweep_of_a_flag():
+    payload = option_sweep.main(
+        ["--quick", "--device", "cpu", "--option", "async_scheduling", "--values", "0", "1"]
+    )
+    assert [r["async_scheduling"] for r in payload["results"]] == [False, True]
+    assert len({r["tokens"] for r in payload["results"]}) == 1
+    with pytest.raises(SystemExit):
+        option_sweep.parse_args(["--option", "async_scheduling", "--values", "2"])
+
+
 def test_option_sweep_rounds_reverse_the_order():
     payload = option_sweep.main(
         ["--quick", "--device", "cpu", "--values", "1", "2", "--rounds", "2", "--num-seqs", "4"]

@@ -134,3 +134,24 @@ def test_schedule_ahead_yields_to_admission_prefill_and_full_caches():
         sched.add(s)
     batch = sched.schedule()
     assert batch.is_prefill and sched.schedule_ahead(batch) is None
+
+
+def test_an_error_mid_run_drops_the_step_in_flight_and_the_engine_goes_on(tiny_model, prompts):
+    sync, ahead = engines(tiny_model)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = outputs(sync, prompts, params)
+    real, calls = ahead.scheduler.postprocess, []
+
+    def failing(batch, tokens):
+        calls.append(1)
+        if len(calls) == 4:  # a decode step is in flight now
+            raise RuntimeError("boom")
+        return real(batch, tokens)
+
+    ahead.scheduler.postprocess = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        ahead.generate(prompts, params, use_tqdm=False)
+    assert ahead._in_flight is None and ahead.model_runner._in_flight == 0
+    assert not ahead.scheduler.running and not ahead.scheduler.waiting
+    ahead.scheduler.postprocess = real
+    assert outputs(ahead, prompts, params) == expected
