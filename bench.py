@@ -166,6 +166,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["max_num_seqs"] = llm.config.max_num_seqs
     result["max_num_batched_tokens"] = llm.config.max_num_batched_tokens
     result["async_scheduling"] = llm.config.async_scheduling
+    result["tensor_parallel_size"] = llm.config.tensor_parallel_size
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

@@ -237,6 +237,45 @@ def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], obje
     return lambda: runner.model(inputs.input_ids, inputs.positions, inputs.meta)
 
 
+# ----------------------------------------------------------------------------- kernel profiles
+# (category, substrings of kernel names), the first match wins: our attention kernels
+# (decode split/merge, varlen prefill) and flash-attn's, the KV store, torch.compile's fused
+# element-wise kernels, then cuBLAS / CUTLASS / our Triton GEMMs.
+KERNEL_CATEGORIES = (
+    ("attention", ("_decode_split", "_decode_merge", "_prefill_kernel", "flash")),
+    ("kv store", ("_store_kvcache",)),
+    ("fused element-wise", ("triton_",)),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "xmma", "_persistent_mm")),
+)
+
+
+def kernel_category(kernel: str) -> str:
+    name = kernel.lower()
+    for label, keys in KERNEL_CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return "other"
+
+
+@torch.inference_mode()
+def kernel_breakdown(fn: Callable[[], object], steps: int = 5) -> dict[str, float]:
+    """Mean device milliseconds per call of ``fn``, by kernel category (CUDA; one call first,
+    outside the profile)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us:
+            key = kernel_category(event.key)
+            totals[key] = totals.get(key, 0.0) + us / 1e3 / steps
+    return totals
+
+
 # ----------------------------------------------------------------------------- timing
 @contextlib.contextmanager
 def kernel_compiles() -> Iterator[list[str]]:

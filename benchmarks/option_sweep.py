@@ -1,13 +1,17 @@
-"""One scheduling option, several values: ``bench.py``'s workload once per value of ``--option``,
-in one process, on the same requests. Does admitting new requests in batches pay
+"""One engine option, several values: ``bench.py``'s workload once per value of ``--option``,
+in one process, on the same requests. How does throughput scale from one GPU to two
+(``tensor_parallel_size``)? Does admitting new requests in batches pay
 (``prefill_admission_batch``)? Does a larger batch cap pay where the KV cache holds more
 (``max_num_seqs``)? Does issuing the next decode step before reading the tokens
 (``async_scheduling``, values 0 and 1) pay?
 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
-ratios are against the first value. Every other option is ``bench.py``'s.
+ratios are against the first value. ``--num-seqs`` may list several request counts: each is a
+sweep of its own, all in one result file. Every other option is ``bench.py``'s.
 
+    python benchmarks/option_sweep.py --shape 8b --option tensor_parallel_size --values 1 2 \
+        --num-seqs 512 1024 --json OUT
     python benchmarks/option_sweep.py --shape 8b --option prefill_admission_batch --values 1 64
     python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
         --option max_num_seqs --values 512 1024 --json OUT
@@ -35,19 +39,26 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-# The swept LLM options; a flag's values are 0 and 1.
-OPTIONS = ("prefill_admission_batch", "max_num_seqs", "max_num_batched_tokens", "async_scheduling")
+# The swept LLM options (bench.py's arguments of the same names); a flag's values are 0 and 1.
+OPTIONS = (
+    "tensor_parallel_size",
+    "prefill_admission_batch",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "async_scheduling",
+)
 FLAGS = ("async_scheduling",)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int]]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int], list]:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--option", choices=OPTIONS, default="prefill_admission_batch")
+    p.add_argument("--num-seqs", type=int, nargs="+", help="request counts (default: bench.py's)")
     p.add_argument("--values", type=int, nargs="+", default=[1, 64], help="the option's values")
     p.add_argument("--rounds", type=int, default=1, help="rounds; the order reverses each round")
     ours, rest = p.parse_known_args(argv)
     swept = "--" + ours.option.replace("_", "-")
-    for bad in ("--compare-pipeline", "--hf-baseline", swept, "--rounds"):
+    for bad in ("--compare-pipeline", "--hf-baseline", swept):
         if any(a == bad or a.startswith(bad + "=") for a in rest):
             p.error(f"{bad}: option_sweep.py sets {ours.option} from --values")
     if ours.rounds < 1:
@@ -56,21 +67,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
         p.error(f"--values {ours.values}: {ours.option} is a flag: use 0 and 1")
     if ours.option not in FLAGS and any(v < 1 for v in ours.values):
         p.error(f"--values {ours.values}: each value must be >= 1")
+    if ours.num_seqs and any(n < 1 for n in ours.num_seqs):
+        p.error(f"--num-seqs {ours.num_seqs}: each count must be >= 1")
     args = bench.parse_args(rest)
     args.rounds = ours.rounds
-    return args, ours.option, ours.values
+    return args, ours.option, ours.values, ours.num_seqs or [args.num_seqs]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, option, values = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    device = resolve_device(args.device)
-    env = environment(device)
-    path = args.model or model_path(args.shape)
-    from transformers import AutoConfig
-
-    prompts, params = bench.workload(args, AutoConfig.from_pretrained(path).vocab_size)
-    print(f"card: {env['card']}; {args.model or args.shape}; {len(prompts)} requests")
+def sweep(args, option: str, values: list[int], path: str, device, vocab: int) -> dict:
+    """Every value of ``option`` (rounds included) on ``args.num_seqs`` requests."""
+    prompts, params = bench.workload(args, vocab)
+    print(f"{args.model or args.shape}; {len(prompts)} requests")
     order = [v for r in range(args.rounds) for v in (values if r % 2 == 0 else values[::-1])]
     results = []
     for value in order:
@@ -87,12 +94,28 @@ def main(argv: list[str] | None = None) -> dict:
     }
     ratios = {v: medians[v] / medians[values[0]] for v in values}
     for v in values[1:]:
-        print(f"{option} {v} / {values[0]}: {ratios[v]:.3f} (medians)")
-    setattr(args, option, False if option in FLAGS else None)
+        print(f"{len(prompts)} requests: {option} {v} / {values[0]}: {ratios[v]:.3f} (medians)")
+    return dict(num_seqs=len(prompts), results=results, median_tok_s=medians, ratio=ratios)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, option, values, counts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    device = resolve_device(args.device)
+    env = environment(device)
+    path = args.model or model_path(args.shape)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    print(f"card: {env['card']}")
+    sweeps = []
+    for n in counts:
+        args.num_seqs = n
+        sweeps.append(sweep(args, option, values, path, device, vocab))
+    setattr(args, option, {"tensor_parallel_size": 1, "async_scheduling": False}.get(option))
+    args.num_seqs = counts
     payload = {"script": "benchmarks/option_sweep.py", "environment": env, "args": vars(args)}
-    payload.update(
-        option=option, values=values, results=results, median_tok_s=medians, ratio=ratios
-    )
+    payload.update(option=option, values=values, sweeps=sweeps)
     write_json(args.json, payload)
     return payload
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +23,7 @@ from benchmarks.common import (  # noqa: E402
     build_decode_engine,
     decode_step_fn,
     environment,
+    kernel_breakdown,
     model_path,
     release_engine,
     resolve_device,
@@ -33,38 +31,6 @@ from benchmarks.common import (  # noqa: E402
     time_fns,
     write_json,
 )
-
-CATEGORIES = (
-    ("attention", ("_decode_split", "_decode_merge")),
-    ("kv store", ("_store_kvcache",)),
-    ("fused element-wise", ("triton_",)),
-    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "xmma", "_persistent_mm")),
-)
-
-
-def category(kernel: str) -> str:
-    name = kernel.lower()
-    for label, keys in CATEGORIES:
-        if any(k in name for k in keys):
-            return label
-    return "other"
-
-
-@torch.inference_mode()
-def kernel_breakdown(fn, steps: int = 5) -> dict[str, float]:
-    """Mean device milliseconds per step, by kernel category."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if us:
-            totals[category(event.key)] += us / 1e3 / steps
-    return dict(totals)
 
 
 def main() -> None:

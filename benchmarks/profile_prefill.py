@@ -3,10 +3,10 @@
 For each ``NSEQxLEN`` point (``NSEQ`` prompts of ``LEN`` tokens, no cached prefix), on a
 random-weight model: the host's planning of the step (``plan_step`` + ``to_model_inputs``),
 the forward plus the logits of the sampled rows timed with CUDA events (medians), and a
-torch.profiler kernel-time breakdown of the same (GEMMs, prefill attention, KV store, fused
-element-wise kernels, other). The GEMM share is then expressed as TFLOP/s of the GEMM kernels
-alone and of the whole forward; the gap between the forward's wall time and its summed kernel
-time is the device idling on the host (launches).
+torch.profiler kernel-time breakdown of the same (``benchmarks.common.KERNEL_CATEGORIES``).
+The GEMM share is then expressed as TFLOP/s of the GEMM kernels alone and of the whole forward;
+the gap between the forward's wall time and its summed kernel time is the device idling on the
+host (launches).
 
     python benchmarks/profile_prefill.py --shape 8b --points 3x512 8x1024 16x1024 --json OUT
     python benchmarks/profile_prefill.py --quick --device cpu   # control flow only
@@ -29,6 +29,7 @@ from benchmarks.common import (  # noqa: E402
     add_common_args,
     build_engine,
     environment,
+    kernel_breakdown,
     measure_card,
     model_path,
     release_engine,
@@ -36,21 +37,6 @@ from benchmarks.common import (  # noqa: E402
     time_fns,
     write_json,
 )
-
-CATEGORIES = (
-    ("attention", ("_prefill_kernel", "flash", "attention")),
-    ("kv store", ("_store_kvcache",)),
-    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "cublas", "xmma", "_persistent_mm")),
-    ("fused element-wise", ("triton_",)),
-)
-
-
-def category(kernel: str) -> str:
-    name = kernel.lower()
-    for label, keys in CATEGORIES:
-        if any(k in name for k in keys):
-            return label
-    return "other"
 
 
 def prefill_batch(num_seqs: int, length: int, vocab: int, block_size: int, seed: int = 0):
@@ -68,21 +54,6 @@ def prefill_batch(num_seqs: int, length: int, vocab: int, block_size: int, seed:
         seq.block_table = list(range(i * per_seq, (i + 1) * per_seq))
         seqs.append(seq)
     return ScheduledBatch(is_prefill=True, seqs=seqs, num_new_tokens=[length] * num_seqs)
-
-
-def kernel_breakdown(fn, steps: int) -> dict[str, float]:
-    """Mean device milliseconds per call, by kernel category."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if us:
-            key = category(event.key)
-            totals[key] = totals.get(key, 0.0) + us / 1e3 / steps
-    return totals
 
 
 def host_ms(fn, reps: int) -> float:

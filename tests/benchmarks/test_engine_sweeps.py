@@ -1,19 +1,20 @@
-"""The engine-comparison scripts on CPU: tp_scaling (TP sizes), option_sweep (one scheduling
-option's values) and profile_prefill (control flow; the timings are GPU runs)."""
+"""The engine-comparison scripts on CPU: option_sweep (one engine option's values, TP sizes
+included) and profile_prefill (control flow; the timings are GPU runs)."""
 
 import pytest
 
-from benchmarks import option_sweep, profile_prefill, tp_scaling
+from benchmarks import option_sweep, profile_prefill
 
 
 def test_option_sweep_sets_the_option_on_each_engine(capsys):
     payload = option_sweep.main(
         ["--quick", "--device", "cpu", "--option", "max_num_seqs", "--values", "2", "8"]
     )
-    assert [r["max_num_seqs"] for r in payload["results"]] == [2, 8]
-    assert payload["ratio"][2] == 1.0 and set(payload["median_tok_s"]) == {2, 8}
+    (sweep,) = payload["sweeps"]
+    assert [r["max_num_seqs"] for r in sweep["results"]] == [2, 8]
+    assert sweep["ratio"][2] == 1.0 and set(sweep["median_tok_s"]) == {2, 8}
     # Every request came back whole from both engines.
-    assert len({r["tokens"] for r in payload["results"]}) == 1
+    assert len({r["tokens"] for r in sweep["results"]}) == 1
     assert "max_num_seqs 8 / 2" in capsys.readouterr().out
 
 
@@ -21,8 +22,9 @@ def test_option_sweep_of_a_flag():
     payload = option_sweep.main(
         ["--quick", "--device", "cpu", "--option", "async_scheduling", "--values", "0", "1"]
     )
-    assert [r["async_scheduling"] for r in payload["results"]] == [False, True]
-    assert len({r["tokens"] for r in payload["results"]}) == 1
+    (sweep,) = payload["sweeps"]
+    assert [r["async_scheduling"] for r in sweep["results"]] == [False, True]
+    assert len({r["tokens"] for r in sweep["results"]}) == 1
     with pytest.raises(SystemExit):
         option_sweep.parse_args(["--option", "async_scheduling", "--values", "2"])
 
@@ -31,7 +33,8 @@ def test_option_sweep_rounds_reverse_the_order():
     payload = option_sweep.main(
         ["--quick", "--device", "cpu", "--values", "1", "2", "--rounds", "2", "--num-seqs", "4"]
     )
-    assert [r["prefill_admission_batch"] for r in payload["results"]] == [1, 2, 2, 1]
+    (sweep,) = payload["sweeps"]
+    assert [r["prefill_admission_batch"] for r in sweep["results"]] == [1, 2, 2, 1]
 
 
 @pytest.mark.parametrize(
@@ -48,21 +51,20 @@ def test_option_sweep_refuses_what_it_cannot_act_on(argv):
         option_sweep.parse_args(["--quick", *argv])
 
 
-def test_tp_scaling_refuses_a_fixed_tensor_parallel_size():
+def test_tensor_parallel_sizes_over_several_request_counts():
+    payload = option_sweep.main(
+        ["--quick", "--device", "cpu", "--option", "tensor_parallel_size", "--values", "1", "2"]
+        + ["--num-seqs", "3", "5"]
+    )
+    assert [s["num_seqs"] for s in payload["sweeps"]] == [3, 5]
+    for sweep in payload["sweeps"]:
+        assert [r["tensor_parallel_size"] for r in sweep["results"]] == [1, 2]
+        assert sweep["results"][0]["tokens"] == sweep["results"][1]["tokens"] > 0
+        assert sweep["ratio"][1] == 1.0 and sweep["ratio"][2] > 0
     with pytest.raises(SystemExit):
-        tp_scaling.parse_args(["--tensor-parallel-size", "2"])
+        option_sweep.parse_args(["--option", "tensor_parallel_size", "--tensor-parallel-size", "2"])
     with pytest.raises(SystemExit):
-        tp_scaling.parse_args(["--tensor-parallel-sizes", "0", "2"])
-    args, counts, sizes = tp_scaling.parse_args(["--shape", "8b"])
-    assert counts == [512, 1024] and sizes == [1, 2]
-
-
-def test_tp_scaling_runs_each_size_on_the_same_requests():
-    payload = tp_scaling.main(["--quick", "--device", "cpu", "--tensor-parallel-sizes", "1", "2"])
-    (row,) = payload["scaling"]
-    assert [r["tensor_parallel_size"] for r in row["results"]] == [1, 2]
-    assert row["results"][0]["tokens"] == row["results"][1]["tokens"] > 0
-    assert row["ratio"][1] == 1.0 and row["ratio"][2] > 0
+        option_sweep.parse_args(["--num-seqs", "0"])
 
 
 def test_profile_prefill_points_and_host_phases():
@@ -80,10 +82,13 @@ def test_profile_prefill_batch_is_a_fresh_prefill_on_its_own_blocks():
     assert max(max(s.token_ids) for s in batch.seqs) < 100
 
 
-def test_profile_prefill_categories():
-    assert profile_prefill.category("_prefill_kernel") == "attention"
-    assert profile_prefill.category("nvjet_tst_128x256_h_bz_coopA_NNT") == "gemm"
-    assert profile_prefill.category("triton_red_fused_add_mean_mul_pow_rsqrt_0") == (
-        "fused element-wise"
-    )
-    assert profile_prefill.category("_store_kvcache_kernel") == "kv store"
+def test_kernel_categories():
+    from benchmarks.common import kernel_category
+
+    assert kernel_category("_prefill_kernel") == "attention"
+    assert kernel_category("_decode_split_kernel") == "attention"
+    assert kernel_category("nvjet_tst_128x256_h_bz_coopA_NNT") == "gemm"
+    assert kernel_category("_persistent_mm") == "gemm"
+    assert kernel_category("triton_red_fused_add_mean_mul_pow_rsqrt_0") == "fused element-wise"
+    assert kernel_category("_store_kvcache_kernel") == "kv store"
+    assert kernel_category("void at::native::elementwise_kernel") == "other"
