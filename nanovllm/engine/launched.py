@@ -46,7 +46,7 @@ class LaunchedStep:
     batch: ScheduledBatch
     plan: StepPlan
     sampled: torch.Tensor | None  # [len(plan.sampling_rows)] int64 on the device, or None
-    host: torch.Tensor | None  # its host copy (valid once ``event`` completed)
+    host: torch.Tensor | None  # its host copy (valid once ``event`` completed); None: no copy
     event: torch.cuda.Event | None
 
     def tokens(self) -> list[int | None]:
@@ -55,8 +55,12 @@ class LaunchedStep:
         tokens: list[int | None] = [None] * len(self.batch.seqs)
         if self.sampled is None:
             return tokens
-        if self.event is not None:
-            self.event.synchronize()
-        for row, token in zip(self.plan.sampling_rows, self.host.tolist()):
+        if self.host is None:  # read at once: the device-to-host read waits for the step
+            values = self.sampled.tolist()
+        else:
+            if self.event is not None:
+                self.event.synchronize()
+            values = self.host.tolist()
+        for row, token in zip(self.plan.sampling_rows, values):
             tokens[row] = token
         return tokens

@@ -190,13 +190,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Sampled token per scheduled sequence (None where a chunked prefill continues)."""
-        return self.collect(self.launch(batch))
+        return self.collect(self.launch(batch, overlap=False))
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+    def launch(self, batch: ScheduledBatch, overlap: bool = True) -> LaunchedStep:
         """Issue ``batch``'s forward and sampling; the host does not wait for the tokens
         (``collect`` does). A batch scheduled ahead (``batch.prev_rows``) reads its input
-        tokens from the step launched just before it, which must not be collected yet."""
+        tokens from the step launched just before it, which must not be collected yet.
+        ``overlap=False``: the tokens will be read at once, so they skip the pinned copy."""
         prev_rows = self._last_sampled.shape[0] if batch.prev_rows is not None else 0
         plan = plan_step(batch, self.block_size, prev_rows)
         try:
@@ -208,6 +209,8 @@ class ModelRunner:
                 return LaunchedStep(batch, plan, None, None, None)
             sampled = self._sample(batch, plan, logits)
             self._last_sampled = sampled
+            if not overlap:
+                return LaunchedStep(batch, plan, sampled, None, None)
             host, event = self._token_copies.start(sampled)
             return LaunchedStep(batch, plan, sampled, host, event)
         except BaseException as e:
