@@ -11,6 +11,9 @@ Runs bench.py's workload (same arguments) once, timing each phase of every engin
 
 The synchronisation after ``forward`` removes the little overlap the engine has (the host builds
 the sampling parameters while the GPU runs), so the profiled run is slightly slower than bench.py.
+With ``--async-scheduling`` it removes the overlap that option exists for: the phases are then
+the same work, issued ahead but timed to completion; measure that option's gain with
+``benchmarks/option_sweep.py --option async_scheduling --values 0 1``.
 Prints the totals by phase and by step kind, decode steps by batch size, prefill TFLOP/s,
 preemptions and recomputed tokens.
 
