@@ -155,3 +155,41 @@ def test_an_error_mid_run_drops_the_step_in_flight_and_the_engine_goes_on(tiny_m
     assert not ahead.scheduler.running and not ahead.scheduler.waiting
     ahead.scheduler.postprocess = real
     assert outputs(ahead, prompts, params) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_workloads_match_the_synchronous_engine(tiny_model, seed):
+    """Shared prefixes (prefix-cache hits), more requests than slots (admission while decodes
+    run ahead), a small cache (preemption), stop tokens sampled mid-way and seeded sampling."""
+    import random
+
+    rng = random.Random(seed)
+    kw = dict(max_num_seqs=rng.choice([3, 5]), prefill_admission_batch=rng.choice([1, 2]))
+    kw.update(num_kvcache_blocks=rng.choice([12, 40]), max_num_batched_tokens=rng.choice([48, 256]))
+    sync, ahead = engines(tiny_model, **kw)
+    for llm in (sync, ahead):
+        llm.scheduler.headroom_steps = 0  # admit greedily: decode must preempt in a small cache
+    shared = [rng.randrange(3, 400) for _ in range(20)]
+    prompts = [
+        (shared if rng.random() < 0.5 else [])
+        + [rng.randrange(3, 400) for _ in range(rng.randrange(2, 30))]
+        for _ in range(11)
+    ]
+    params = []
+    for _ in prompts:
+        stop = [rng.randrange(3, 400) for _ in range(150)]  # some of these get sampled
+        if rng.random() < 0.5:
+            params.append(
+                SamplingParams(temperature=0, max_tokens=rng.randrange(1, 40), stop_token_ids=stop)
+            )
+        else:
+            params.append(
+                SamplingParams(
+                    temperature=0.9, seed=rng.randrange(1000), max_tokens=rng.randrange(1, 40)
+                )
+            )
+    expected = outputs(sync, prompts, params)
+    assert outputs(ahead, prompts, params) == expected
+    assert ahead.steps_ahead > 0 and any(r == "stop" for _, r, _ in expected)
+    if seed == 0:  # its 12-block cache preempts (4 times when written)
+        assert sync.scheduler.num_preemptions > 0 and ahead.scheduler.num_preemptions > 0
