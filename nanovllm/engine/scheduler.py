@@ -97,23 +97,16 @@ class Scheduler:
         for seq in self.running:  # sequences in the middle of a chunked prefill
             if budget and seq.needs_prefill:
                 take(seq)
-        if not batch.seqs and self.running and self.waiting:
-            free_slots = self.max_num_seqs - len(self.running)
-            if free_slots < min(self.admission_batch, len(self.waiting)):
-                return batch  # decode on; admit once enough slots have freed
+        if not batch.seqs and self._admission_held_back():
+            return batch  # decode on; admit once enough slots have freed
         reserve = None  # blocks the running sequences' headroom needs; computed when needed
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            if reserve is None and self.running:
+                reserve = self._running_headroom()
+            fits, reserve = self._room_for(seq, reserve)
+            if not fits:
                 break
-            if self.running:
-                if reserve is None:
-                    reserve = sum(self._headroom_blocks(s) for s in self.running)
-                own = self._headroom_blocks(seq)
-                # (cached prefix blocks counted as new: errs on the side of waiting)
-                if self.block_manager.num_free_blocks - seq.num_blocks - own < reserve:
-                    break
-                reserve += own
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
@@ -187,12 +180,33 @@ class Scheduler:
 
     def _admission_due(self) -> bool:
         """Would ``schedule()`` admit a waiting request now (a prefill step)?"""
-        if not self.waiting:
+        if not self.waiting or self._admission_held_back():
             return False
+        reserve = self._running_headroom() if self.running else None
+        return self._room_for(self.waiting[0], reserve)[0]
+
+    def _admission_held_back(self) -> bool:
+        """Decodes run and fewer slots are free than ``admission_batch`` (or the waiting)."""
         free_slots = self.max_num_seqs - len(self.running)
-        if free_slots < min(self.admission_batch, len(self.waiting)):
-            return False
-        return self.block_manager.can_allocate(self.waiting[0])
+        return bool(self.running and self.waiting) and free_slots < min(
+            self.admission_batch, len(self.waiting)
+        )
+
+    def _running_headroom(self) -> int:
+        return sum(self._headroom_blocks(s) for s in self.running)
+
+    def _room_for(self, seq: Sequence, reserve: int | None) -> tuple[bool, int | None]:
+        """Does ``seq`` fit beside the running sequences' headroom ``reserve`` (None: nothing
+        runs)? Returns (fits, the reserve with ``seq``'s own headroom added)."""
+        if not self.block_manager.can_allocate(seq):
+            return False, reserve
+        if reserve is None:
+            return True, None
+        own = self._headroom_blocks(seq)
+        # (cached prefix blocks counted as new: errs on the side of waiting)
+        if self.block_manager.num_free_blocks - seq.num_blocks - own < reserve:
+            return False, reserve
+        return True, reserve + own
 
     def _headroom_blocks(self, seq: Sequence) -> int:
         """Blocks ``seq`` needs beyond its current ones for its next ``headroom_steps`` tokens."""

@@ -193,3 +193,14 @@ def test_random_workloads_match_the_synchronous_engine(tiny_model, seed):
     assert ahead.steps_ahead > 0 and any(r == "stop" for _, r, _ in expected)
     if seed == 0:  # its 12-block cache preempts (4 times when written)
         assert sync.scheduler.num_preemptions > 0 and ahead.scheduler.num_preemptions > 0
+
+
+def test_schedule_ahead_goes_on_while_the_headroom_holds_admission_back():
+    sched = make_scheduler(num_blocks=6, max_num_seqs=4)  # headroom: 32 tokens per sequence
+    batch = decoding(sched, [make_seq(5), make_seq(5, start=40)])
+    waiting = make_seq(5, start=90)
+    sched.add(waiting)  # a slot and a block are free, but not the running ones' headroom
+    assert sched.block_manager.can_allocate(waiting)
+    ahead = sched.schedule_ahead(batch)
+    assert ahead is not None and len(ahead.seqs) == 2
+    assert not sched.schedule().is_prefill  # the regular schedule agrees: no admission
