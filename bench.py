@@ -121,10 +121,8 @@ def report(label: str, tokens: int, seconds: float) -> float:
     return tps
 
 
-def run_variant(args, path: str, device, pipelined: bool, prompts, params):
-    """Build an engine, warm up, time the workload; returns (result, engine)."""
-    label = "pipelined" if pipelined else "sequential"
-    t0 = time.perf_counter()
+def engine_options(args, pipelined: bool) -> dict:
+    """The LLM options ``args`` ask for (engine defaults where an option was not given)."""
     options = dict(
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -133,17 +131,25 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
         async_scheduling=bool(args.async_scheduling),
+        enable_pipeline=pipelined,
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if pipelined:
         options.update(
-            enable_pipeline=True,
             pipeline_attention_sm_count=args.attention_sms,
             pipeline_ffn_sm_count=args.ffn_sms,
             pipeline_num_microbatches=args.microbatches,
         )
+    return options
+
+
+def run_variant(args, path: str, device, pipelined: bool, prompts, params):
+    """Build an engine, warm up, time the workload; returns (result, engine)."""
+    label = "pipelined" if pipelined else "sequential"
+    t0 = time.perf_counter()
+    options = engine_options(args, pipelined)
     llm = build_engine(path, device, args.load_format == "dummy", **options)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     startup = time.perf_counter() - t0

@@ -190,25 +190,7 @@ def print_summary(s: dict, tokens: int) -> None:
 
 def profile_engine(args, path: str, device, prompts, params) -> dict:
     """Build an engine, warm up as bench.py does, profile one timed run, close the engine."""
-    options = dict(
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        enable_pipeline=args.pipeline,
-        tensor_parallel_size=args.tensor_parallel_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        prefill_admission_batch=args.prefill_admission_batch,
-        async_scheduling=bool(args.async_scheduling),
-    )
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    if args.pipeline:
-        options.update(
-            pipeline_attention_sm_count=args.attention_sms,
-            pipeline_ffn_sm_count=args.ffn_sms,
-            pipeline_num_microbatches=args.microbatches,
-        )
+    options = bench.engine_options(args, args.pipeline)
     tp = args.tensor_parallel_size > 1
     records_dir = tempfile.TemporaryDirectory(prefix="profile_e2e_tp_") if tp else None
     real_worker_main = tp_workers._worker_main
