@@ -98,9 +98,10 @@ def plan_decode(batch: ScheduledBatch, block_size: int, prev_num_rows: int = 0) 
     input_ids, positions, slot_mapping, context_lens = [], [], [], []
     ahead = batch.lookahead  # 1: the input token is the previous step's, not yet appended
     for seq in batch.seqs:
-        n = len(seq) + ahead
+        ids = seq.token_ids
+        n = len(ids) + ahead
         pos = n - 1
-        input_ids.append(0 if ahead else seq.last_token)
+        input_ids.append(0 if ahead else ids[-1])
         positions.append(pos)
         slot_mapping.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
         context_lens.append(n)
@@ -162,6 +163,9 @@ def prepare_sampling(
     params = [seq.params for seq in seqs]
     seeds, banned = [], []
     for j, (seq, p) in enumerate(zip(seqs, params)):
+        if p.seed is None and not p.min_tokens:
+            seeds.append(-1)  # the common case: no per-token state to compute
+            continue
         step = seq.num_completion_tokens + batch.lookahead
         seeds.append(-1 if p.seed is None else row_seed(p.seed, step))
         if step < p.min_tokens:

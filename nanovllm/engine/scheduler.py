@@ -116,9 +116,13 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch:
         batch = ScheduledBatch(is_prefill=False)
+        block_size = self.block_manager.block_size
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted or finished earlier in this loop
+            if len(seq.token_ids) <= len(seq.block_table) * block_size:
+                batch.seqs.append(seq)  # its blocks hold the new token: the common case
+                continue
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:
@@ -141,7 +145,7 @@ class Scheduler:
                 continue
             self.block_manager.append(seq)
             batch.seqs.append(seq)
-            batch.num_new_tokens.append(1)
+        batch.num_new_tokens = [1] * len(batch.seqs)
         return batch
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
@@ -238,24 +242,31 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> None:
         """Advance each sequence by the tokens it computed; append sampled tokens; finish."""
-        for i, (seq, token_id) in enumerate(zip(batch.seqs, token_ids)):
-            if seq.status != SequenceStatus.RUNNING:
+        running, blocks, eos = SequenceStatus.RUNNING, self.block_manager, self.eos_token_ids
+        hashed_block = blocks.block_size if blocks.enable_prefix_caching else None
+        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
+            if seq.status != running:
                 continue
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            self.block_manager.register_computed(seq)
+            seq.num_computed_tokens += n
+            if (
+                hashed_block
+                and (seq.num_hashed_blocks + 1) * hashed_block <= seq.num_computed_tokens
+            ):
+                blocks.register_computed(seq)  # a block became full and computed
             if token_id is None:
                 continue
-            seq.token_ids.append(token_id)
+            ids = seq.token_ids
+            ids.append(token_id)
             p = seq.params
-            may_stop = seq.num_completion_tokens > p.min_tokens  # (the sampler masks them too)
+            completion = len(ids) - seq.num_prompt_tokens
+            may_stop = completion > p.min_tokens  # (the sampler masks them too)
             if may_stop and (
-                (not p.ignore_eos and token_id in self.eos_token_ids)
-                or token_id in p.stop_token_ids
+                (not p.ignore_eos and token_id in eos) or token_id in p.stop_token_ids
             ):
                 self.finish(seq, "stop")
             elif p.stop and self.stop_checker is not None and self._stop_string(seq):
                 self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            elif completion >= p.max_tokens or len(ids) >= self.max_model_len:
                 self.finish(seq, "length")
 
     def _stop_string(self, seq: Sequence) -> bool:

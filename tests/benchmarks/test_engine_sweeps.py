@@ -92,3 +92,21 @@ def test_kernel_categories():
     assert kernel_category("triton_red_fused_add_mean_mul_pow_rsqrt_0") == "fused element-wise"
     assert kernel_category("_store_kvcache_kernel") == "kv store"
     assert kernel_category("void at::native::elementwise_kernel") == "other"
+
+
+def test_host_step_times_every_phase_of_a_decode_step():
+    from benchmarks import host_step
+
+    payload = host_step.main(["--batch", "6", "--ctx", "40", "--block-size", "16", "--steps", "30"])
+    ms = payload["median_ms"]
+    assert set(ms) == {*host_step.PHASES, "total"} and ms["total"] > 0
+    with pytest.raises(SystemExit):
+        host_step.main(["--batch", "0"])
+
+
+def test_host_step_scheduler_decodes_every_sequence_and_grows_blocks():
+    from benchmarks import host_step
+
+    sched = host_step.running_scheduler(batch=4, ctx=15, block_size=16)
+    host_step.time_steps(sched, 16, steps=3)  # crosses a block boundary at token 17
+    assert all(len(s) == 19 and len(s.block_table) == 2 for s in sched.running)
