@@ -238,9 +238,7 @@ class LLMEngine:
     def _postprocess(self, batch, tokens: list[int | None]) -> list[Sequence]:
         """Apply ``tokens``; the sequences of ``batch`` that this ended."""
         self.num_steps += 1
-        running = [s for s in batch.seqs if not s.is_finished]
-        self.scheduler.postprocess(batch, tokens)
-        return [s for s in running if s.is_finished]
+        return self.scheduler.postprocess(batch, tokens)
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None

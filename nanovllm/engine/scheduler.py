@@ -240,9 +240,11 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.running.remove(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> None:
-        """Advance each sequence by the tokens it computed; append sampled tokens; finish."""
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
+        """Advance each sequence by the tokens it computed; append sampled tokens; finish.
+        Returns the sequences this ended."""
         running, blocks, eos = SequenceStatus.RUNNING, self.block_manager, self.eos_token_ids
+        ended: list[Sequence] = []
         hashed_block = blocks.block_size if blocks.enable_prefix_caching else None
         for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
             if seq.status != running:
@@ -263,11 +265,16 @@ class Scheduler:
             if may_stop and (
                 (not p.ignore_eos and token_id in eos) or token_id in p.stop_token_ids
             ):
-                self.finish(seq, "stop")
+                reason = "stop"
             elif p.stop and self.stop_checker is not None and self._stop_string(seq):
-                self.finish(seq, "stop")
+                reason = "stop"
             elif completion >= p.max_tokens or len(ids) >= self.max_model_len:
-                self.finish(seq, "length")
+                reason = "length"
+            else:
+                continue
+            self.finish(seq, reason)
+            ended.append(seq)
+        return ended
 
     def _stop_string(self, seq: Sequence) -> bool:
         seq.stop_reason = self.stop_checker(seq)

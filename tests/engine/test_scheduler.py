@@ -353,3 +353,15 @@ def test_admission_batch_does_not_delay_a_chunked_prefill_in_flight():
     # flight: its next chunk (the whole budget) runs now.
     batch = step(sched)
     assert batch.is_prefill and batch.seqs == [b] and batch.num_new_tokens == [16]
+
+
+def test_postprocess_returns_the_sequences_it_ended_once():
+    sched = make_scheduler()
+    a, b = make_seq(5, max_tokens=2), make_seq(5, start=50)
+    for seq in (a, b):
+        sched.add(seq)
+    step(sched)
+    batch = sched.schedule()
+    assert sched.postprocess(batch, [EOS, FAKE]) == [a]  # EOS after min_tokens: stop
+    # A row of a sequence that already ended (a step issued ahead) is skipped, not re-reported.
+    assert sched.postprocess(batch, [FAKE, FAKE]) == []
