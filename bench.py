@@ -76,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="LLM(max_num_batched_tokens=...); default: the engine's",
     )
-    p.add_argument("--async-scheduling", action="store_true", help="LLM(async_scheduling=True)")
+    p.add_argument(
+        "--async-scheduling",
+        type=int,
+        choices=(0, 1),
+        help="LLM(async_scheduling=bool(...)); default: the engine's (on)",
+    )
     p.add_argument(
         "--prefill-admission-batch",
         type=int,
@@ -130,12 +135,13 @@ def engine_options(args, pipelined: bool) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
         prefill_admission_batch=args.prefill_admission_batch,
-        async_scheduling=bool(args.async_scheduling),
         enable_pipeline=pipelined,
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.async_scheduling is not None:  # a flag: the engine checks for a bool
+        options["async_scheduling"] = bool(args.async_scheduling)
     if pipelined:
         options.update(
             pipeline_attention_sm_count=args.attention_sms,

@@ -82,7 +82,7 @@ def sweep(args, option: str, values: list[int], path: str, device, vocab: int) -
     results = []
     for value in order:
         print(f"{option}={value}")
-        setattr(args, option, bool(value) if option in FLAGS else value)
+        setattr(args, option, value)
         result, llm = bench.run_variant(args, path, device, False, prompts, params)
         results.append(result)
         release_engine(llm)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in counts:
         args.num_seqs = n
         sweeps.append(sweep(args, option, values, path, device, vocab))
-    setattr(args, option, {"tensor_parallel_size": 1, "async_scheduling": False}.get(option))
+    setattr(args, option, {"tensor_parallel_size": 1}.get(option))  # bench.py's defaults
     args.num_seqs = counts
     payload = {"script": "benchmarks/option_sweep.py", "environment": env, "args": vars(args)}
     payload.update(option=option, values=values, sweeps=sweeps)

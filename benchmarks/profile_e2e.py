@@ -11,8 +11,9 @@ Runs bench.py's workload (same arguments) once, timing each phase of every engin
 
 The synchronisation after ``forward`` removes the little overlap the engine has (the host builds
 the sampling parameters while the GPU runs), so the profiled run is slightly slower than bench.py.
-With ``--async-scheduling`` it removes the overlap that option exists for: the phases are then
-the same work, issued ahead but timed to completion; measure that option's gain with
+The synchronisation also removes the overlap that ``async_scheduling`` exists for, so the
+engine runs synchronously here unless ``--async-scheduling 1`` is given (then the phases are the
+same work, issued ahead but timed to completion); measure that option's gain with
 ``benchmarks/option_sweep.py --option async_scheduling --values 0 1``.
 Prints the totals by phase and by step kind, decode steps by batch size, prefill TFLOP/s,
 preemptions and recomputed tokens.
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     if own.engines < 1:
         raise ValueError(f"--engines {own.engines}: profile at least 1 engine (--engines 1)")
     args = bench.parse_args(rest)
+    if args.async_scheduling is None:  # its overlap would be timed away (see above)
+        args.async_scheduling = 0
     # bench.py's options that this script cannot act on are refused, not ignored
     for flag, given in (
         ("--compare-pipeline", args.compare_pipeline),

@@ -40,8 +40,9 @@ class Config:
     # While decodes run, new requests are admitted only once at least this many can be (or all
     # that wait): prefill then runs in fewer, larger steps. None: max_num_seqs // 8 (logged).
     prefill_admission_batch: int | None = None
-    # Schedule and issue decode step n+1 before reading step n's tokens (engine/llm_engine.py).
-    async_scheduling: bool = False
+    # Schedule and issue decode step n+1 before reading step n's tokens (engine/llm_engine.py),
+    # so the host's work between decode steps overlaps the GPU's. False: every step synchronous.
+    async_scheduling: bool = True
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1

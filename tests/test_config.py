@@ -28,7 +28,7 @@ def test_defaults(tiny_model):
     assert c.pipeline_ffn_gemm == "triton"
     assert c.kv_cache_dtype == "auto"
     assert c.prefill_admission_batch is None and c.resolved_prefill_admission_batch() == 64
-    assert c.async_scheduling is False
+    assert c.async_scheduling is True
 
 
 def test_the_batch_cap_scales_with_the_ranks_unless_given(tiny_model):

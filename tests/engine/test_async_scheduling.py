@@ -1,6 +1,7 @@
-"""Async scheduling (``LLM(async_scheduling=True)``): decode step n+1 is scheduled and issued
-before step n's tokens are read. Outputs, finish reasons and stop conditions must be those of
-the synchronous engine; the scheduler's look-ahead is checked on its own too."""
+"""Async scheduling (``LLM(async_scheduling=True)``, the default): decode step n+1 is
+scheduled and issued before step n's tokens are read. Outputs, finish reasons and stop
+conditions must be those of the synchronous engine; the scheduler's look-ahead is checked on
+its own too."""
 
 import pytest
 
@@ -23,7 +24,7 @@ def outputs(llm, prompts, params):
 def engines(path, **kw):
     """A synchronous and an async engine; the async one counts the steps it ran ahead."""
     kw = dict(device="cpu", kvcache_block_size=16, **kw)
-    sync, ahead = LLM(path, **kw), LLM(path, async_scheduling=True, **kw)
+    sync, ahead = LLM(path, async_scheduling=False, **kw), LLM(path, async_scheduling=True, **kw)
     real = ahead.scheduler.schedule_ahead
     ahead.steps_ahead = 0
 

@@ -124,10 +124,10 @@ def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, re
     # The GPU test compares TP=2 with TP=1 on dummy weights: each rank must keep its shard of
     # the same full tensors.
     prompts, _ = reference
-    one = llm_of(tiny_model, tp=1, load_format="dummy")
+    one = llm_of(tiny_model, tp=1, load_format="dummy", async_scheduling=False)
     expected = tokens(one, prompts)
     one.exit()
-    llm = llm_of(tiny_model, load_format="dummy")
+    llm = llm_of(tiny_model, load_format="dummy", async_scheduling=False)  # synchronous steps
     assert tokens(llm, prompts) == expected
     llm.exit()
 
