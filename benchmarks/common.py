@@ -186,8 +186,14 @@ def only_graph_buckets(sizes: Sequence[int]) -> Iterator[None]:
 def fill_kv_random(runner, seed: int = 0) -> None:
     """Random K/V values instead of zeros (timing should not depend on it; realism is cheap)."""
     cache = getattr(runner, "kv_cache", None)
-    if cache is not None:
-        cache.normal_(generator=torch.Generator(cache.device).manual_seed(seed))
+    if cache is None:
+        return
+    gen = torch.Generator(cache.device).manual_seed(seed)
+    if cache.element_size() > 1:
+        cache.normal_(generator=gen)
+        return
+    for layer in cache.unbind(1):  # fp8 has no normal_: draw in bf16 a layer at a time
+        layer.copy_(torch.randn(layer.shape, generator=gen, device=cache.device).to(cache.dtype))
 
 
 def synthetic_decode_inputs(
@@ -480,9 +486,10 @@ class ModelCost:
     kv_heads: int
     head_dim: int
     itemsize: int
+    kv_itemsize: int
 
     @classmethod
-    def from_config(cls, hf_config, itemsize: int) -> ModelCost:
+    def from_config(cls, hf_config, itemsize: int, kv_itemsize: int | None = None) -> ModelCost:
         from nanovllm.models.qwen3 import Qwen3ForCausalLM
 
         with torch.device("meta"):
@@ -503,10 +510,11 @@ class ModelCost:
             kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim,
             itemsize=itemsize,
+            kv_itemsize=kv_itemsize or itemsize,
         )
 
     def kv_bytes(self, batch: int, ctx: int) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * ctx * batch * self.itemsize
+        return 2 * self.layers * self.kv_heads * self.head_dim * ctx * batch * self.kv_itemsize
 
     def step_bytes(self, batch: int, ctx: int, weight_reads: int = 1) -> int:
         weights = self.layer_params * self.itemsize * weight_reads
@@ -597,7 +605,10 @@ def plan_decode(name: str, hf_config, device: torch.device, args):
     """(cost model, (batch, ctx) points that fit in memory, points skipped); prints the skips."""
     from nanovllm.utils.hf import resolve_dtype
 
-    cost = ModelCost.from_config(hf_config, resolve_dtype("auto", hf_config, device).itemsize)
+    kv_itemsize = 1 if getattr(args, "kv_cache_dtype", "auto") != "auto" else None  # fp8
+    cost = ModelCost.from_config(
+        hf_config, resolve_dtype("auto", hf_config, device).itemsize, kv_itemsize
+    )
     limit = kv_blocks_that_fit(cost, device, args)
     fit, skipped = [], []
     for point in [(b, c) for c in args.ctxs for b in args.batches]:
@@ -623,6 +634,7 @@ def build_decode_engine(path: str, dummy: bool, device, points, args, **options)
             num_kvcache_blocks=max(blocks_needed(*p) for p in points),
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
             **options,
         )
     fill_kv_random(llm.model_runner)

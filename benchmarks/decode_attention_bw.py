@@ -34,7 +34,14 @@ from nanovllm.kernels.triton_attention import (  # noqa: E402
     paged_decode_attention,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The KV cache's dtype; with fp8 (e4m3, scale 1.0) the queries and outputs stay bf16.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def query_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if cache_dtype.itemsize == 1 else cache_dtype
+
+
 L2_DEFEAT_BYTES = 512 << 20  # KV bytes cycled through per graph, well above H100's 50 MB L2
 
 
@@ -76,13 +83,13 @@ def bench_shape(args, batch: int, ctx: int, block_size: int, configs, calls: int
     gen = torch.Generator().manual_seed(batch * 7919 + ctx)
     num_blocks = num_sets * batch * blocks_per_seq
     cache_shape = (num_blocks, block_size, kvh, d)
-    k_cache = torch.empty(cache_shape, dtype=dtype, device="cuda").normal_()
-    v_cache = torch.empty(cache_shape, dtype=dtype, device="cuda").normal_()
+    k_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda").to(dtype)
+    v_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda").to(dtype)
     tables = make_tables(num_sets, batch, blocks_per_seq, gen).cuda()
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, h, d, dtype=dtype, device="cuda")
+    q = torch.randn(batch, h, d, dtype=query_dtype(dtype), device="cuda")
     scale = d**-0.5
-    bytes_moved = kv_bytes + 2 * batch * h * d * itemsize
+    bytes_moved = kv_bytes + 2 * batch * h * d * q.element_size()
 
     rows = []
     for cfg in configs:
@@ -153,7 +160,7 @@ def check_correctness(args, cfg: DecodeConfig) -> float:
         context_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
         block_tables=tables.cuda(),
     )
-    q = torch.randn(len(lens), h, d, generator=gen).to("cuda", dtype)
+    q = torch.randn(len(lens), h, d, generator=gen).to("cuda", query_dtype(dtype))
     ref = TorchAttentionBackend().decode(q, k_cache, v_cache, meta, d**-0.5)
     errs = []
     for splits in (1, 4):
@@ -236,7 +243,8 @@ def main() -> None:
 
     results = []
     for bs, batch, ctx in itertools.product(args.block_sizes, args.batches, args.ctxs):
-        kv_gib = 2 * batch * ctx * args.num_kv_heads * args.head_dim * 2 / 2**30
+        kv_gib = 2 * batch * ctx * args.num_kv_heads * args.head_dim / 2**30
+        kv_gib *= DTYPES[args.dtype].itemsize
         if kv_gib > args.max_kv_gib:
             print(f"{bs:>4} {batch:>5} {ctx:>5}  skipped: {kv_gib:.1f} GiB of KV")
             continue

@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64 128 256 512")
     p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 2048")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8"),
+        default="auto",
+        help="LLM(kv_cache_dtype=...): the cache the step reads (fp8: half the KV bytes)",
+    )
     add_decode_sweep_args(p, reps=30, warmup=5, reserve_gib=4.0)
     args = p.parse_args(argv)
     if args.model and args.shape:
@@ -92,6 +98,7 @@ def bench_model(args, name: str, path: str, dummy: bool, device, card: dict) -> 
     out["mode"] = "cuda graph" if runner.graph_runner is not None else "eager"
     out["attention_backend"] = llm.runtime.attention_backend
     out["dtype"] = str(llm.runtime.dtype)
+    out["kv_cache_dtype"] = str(llm.runtime.kv_cache_dtype)
     print(f"{name}: {out['mode']}, attention {out['attention_backend']}, {num_blocks} KV blocks")
     with torch.inference_mode():
         for b, c in fit:

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
@@ -33,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
+@torch.inference_mode()  # the engine's decode buffers are inference tensors
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="8b", choices=("0.6b", "8b"))
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--ffn-gemm", choices=("triton", "cublas"), default="triton")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
     add_common_args(p)
     args = p.parse_args()
     device = resolve_device(args.device)

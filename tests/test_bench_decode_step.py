@@ -8,10 +8,10 @@ from benchmarks.common import ModelCost
 CARD = {"copy_gbs": 1000.0, "peak_tflops": 500.0}
 
 
-def cost():
+def cost(kv_itemsize=2):
     return ModelCost(
         total_params=10**9, layer_params=8 * 10**8, matmul_params=7 * 10**8, hidden=1024,
-        layers=28, heads=16, kv_heads=8, head_dim=128, itemsize=2,
+        layers=28, heads=16, kv_heads=8, head_dim=128, itemsize=2, kv_itemsize=kv_itemsize,
     )  # fmt: skip
 
 
@@ -25,6 +25,13 @@ def test_serial_bound_adds_both_rooflines_and_the_floor_takes_the_larger():
         assert bound == ("memory" if mem >= comp else "compute")
         assert c.serial(batch, ctx, CARD) == pytest.approx(mem + comp)
         assert floor <= c.serial(batch, ctx, CARD) <= 2 * floor
+
+
+def test_an_fp8_cache_halves_the_kv_bytes_only():
+    bf16, fp8 = cost(), cost(kv_itemsize=1)
+    assert fp8.kv_bytes(64, 512) * 2 == bf16.kv_bytes(64, 512)
+    assert bf16.step_bytes(64, 512) - fp8.step_bytes(64, 512) == fp8.kv_bytes(64, 512)
+    assert fp8.step_flops(64, 512) == bf16.step_flops(64, 512)
 
 
 def test_quick_run_reports_serial_and_step_over_serial():
