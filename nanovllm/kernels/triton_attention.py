@@ -158,8 +158,8 @@ def store_kvcache(
 @triton.jit
 def _online_softmax_step(q, k, v, offs_t, num_valid, m_i, l_i, acc, scale_log2e):
     """One [BLOCK_N]-key tile of flash-decoding (keys offs_t < num_valid are real): returns the
-    updated (m_i, l_i, acc). k/v tiles of an fp8 cache are converted to q's dtype first (their
-    scales are applied outside: k_scale in scale_log2e, v_scale to the output)."""
+    updated (m_i, l_i, acc). k/v tiles of an fp8 cache are converted to q's dtype (fp16 then)
+    first; their scales are applied outside: k_scale in scale_log2e, v_scale to the output."""
     k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM]; no-op unless the cache is fp8
     v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
@@ -231,6 +231,12 @@ def _decode_split_kernel(
         mask=h_mask[:, None],
         other=0.0,
     )  # [BLOCK_H, HEAD_DIM]
+    if k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8 and q.dtype == tl.bfloat16:
+        # An fp8 (e4m3) cache under bf16 queries: the dots run in fp16. e4m3 pairs convert to
+        # fp16 in one instruction, to bf16 only through fp16 and two more, and on a cache half
+        # the size of a bf16 one those conversions, not the bytes, would bound the kernel.
+        # bf16 queries are exact in fp16 at their magnitudes; the probabilities round finer.
+        q = q.to(tl.float16)
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)

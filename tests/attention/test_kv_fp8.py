@@ -292,6 +292,12 @@ def test_triton_fp8_decode_cpu(k_scale, v_scale, block_size, tile_in_block):
 
 
 @interpreter
+def test_triton_fp8_decode_under_bf16_queries_cpu():
+    # The kernel's fp16 dots (bf16 queries on an fp8 cache) against the reference.
+    triton_decode_matches_torch(CPU, torch.bfloat16, 0.5, 2.0, 16, 16, block_n=16, num_stages=1)
+
+
+@interpreter
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
 def test_triton_fp8_paged_prefill_cpu(k_scale, v_scale):
     triton_prefill_matches_torch(CPU, torch.float32, k_scale, v_scale, 16, 16)
