@@ -58,6 +58,7 @@ from benchmarks.common import (  # noqa: E402
     free_memory,
     gc_pauses,
     kernel_compiles,
+    measure_card,
     model_path,
     release_engine,
     resolve_device,
@@ -136,7 +137,7 @@ def bucket(n: int) -> str:
     return f"{lo}-{hi}" if lo < hi else str(hi)
 
 
-def summarise(steps: list[dict], total_s: float, params_count: int) -> dict:
+def summarise(steps: list[dict], total_s: float, params_count: int, peak_tflops: float) -> dict:
     out: dict = {"total_s": total_s, "steps": len(steps)}
     for kind in ("prefill", "decode"):
         rows = [r for r in steps if r["kind"] == kind]
@@ -147,8 +148,9 @@ def summarise(steps: list[dict], total_s: float, params_count: int) -> dict:
         out[kind] = kind_out
     prefill = out["prefill"]
     if prefill["forward_s"] > 0:
-        # 2 FLOPs per parameter per token (GEMMs only; attention FLOPs excluded)
+        # 2 FLOPs per GEMM weight per token (attention FLOPs excluded)
         prefill["gemm_tflops"] = 2 * params_count * prefill["tokens"] / prefill["forward_s"] / 1e12
+        prefill["of_peak"] = prefill["gemm_tflops"] / peak_tflops
     by_batch: dict[str, dict] = defaultdict(lambda: dict(steps=0, tokens=0, wall_s=0.0, fwd_s=0.0))
     for r in steps:
         if r["kind"] == "decode":
@@ -177,7 +179,10 @@ def print_summary(s: dict, tokens: int) -> None:
         cells = " ".join(f"{k[p + '_s']:>11.2f}" for p in PHASES)
         print(f"{kind:8} {k['steps']:>6} {k['tokens']:>8} {k['wall_s']:>8.2f} {cells}")
     if "gemm_tflops" in s["prefill"]:
-        print(f"prefill forward: {s['prefill']['gemm_tflops']:.0f} TFLOP/s (GEMM FLOPs only)")
+        print(
+            f"prefill forward: {s['prefill']['gemm_tflops']:.0f} TFLOP/s (GEMM FLOPs only) = "
+            f"{s['prefill']['of_peak']:.0%} of the matmul peak"
+        )
     print(f"outside steps (generate loop): {s['untracked_s']:.2f} s")
     print(f"preemptions: {s['preemptions']}; recomputed prefill tokens: {s['recomputed_tokens']}")
     header = ("decode batch", "steps", "ms/step", "ctx", "tok/s", "wall s")
@@ -189,7 +194,17 @@ def print_summary(s: dict, tokens: int) -> None:
         )
 
 
-def profile_engine(args, path: str, device, prompts, params) -> dict:
+def gemm_params(model: torch.nn.Module) -> int:
+    """The weights a prefill token multiplies (this rank's shard): the decoder layers' matrices.
+    The embedding is a lookup, and the LM head runs on the sampled rows only."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
+    )
+
+
+def profile_engine(args, path: str, device, prompts, params, peak_tflops: float) -> dict:
     """Build an engine, warm up as bench.py does, profile one timed run, close the engine."""
     options = bench.engine_options(args, args.pipeline)
     tp = args.tensor_parallel_size > 1
@@ -218,8 +233,7 @@ def profile_engine(args, path: str, device, prompts, params) -> dict:
         if tp:
             timers.restore()
     last = len(timers.records) if tp else 0
-    params_count = sum(p.numel() for p in llm.model_runner.model.parameters())
-    summary = summarise(recorder.steps, seconds, params_count)
+    summary = summarise(recorder.steps, seconds, gemm_params(llm.model_runner.model), peak_tflops)
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
     summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
@@ -287,14 +301,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_config = AutoConfig.from_pretrained(path)
     prompts, params = bench.workload(args, hf_config.vocab_size)
+    # The matmul peak of this card, measured before any engine holds memory: the prefill's
+    # TFLOP/s are reported against it. (Off CUDA the small, quick measurement.)
+    card = measure_card(
+        device,
+        torch.bfloat16 if device.type == "cuda" else torch.float32,
+        args.quick or device.type != "cuda",
+    )
+    print(f"matmul peak: {card['peak_tflops']:.0f} TFLOP/s ({card['matmul_dtype']})")
     runs = []
     for i in range(own.engines):
         print(f"\n=== engine {i + 1} of {own.engines}")
-        runs.append(profile_engine(args, path, device, prompts, params))
+        runs.append(profile_engine(args, path, device, prompts, params, card["peak_tflops"]))
     payload = {
         "script": "benchmarks/profile_e2e.py",
         "environment": environment(device),
         "args": {**vars(args), "engines": own.engines},
+        "card": card,
         "tokens": runs[0]["tokens"],
         "summary": runs[0]["summary"],
     }

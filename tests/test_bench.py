@@ -82,7 +82,11 @@ def test_profile_e2e_profiles_each_engine(capsys):
         # every sampled token is one decode row or the last chunk of one prefill
         assert summary["decode"]["tokens"] + args.num_seqs == payload["tokens"]
     assert payload["tokens"] == sum(sp.max_tokens for sp in params)
-    assert "engine 1: total" in capsys.readouterr().out
+    prefill = payload["summary"]["prefill"]
+    peak = payload["card"]["peak_tflops"]
+    assert prefill["of_peak"] == pytest.approx(prefill["gemm_tflops"] / peak)
+    out = capsys.readouterr().out
+    assert "engine 1: total" in out and "of the matmul peak" in out
     with pytest.raises(ValueError, match="--engines 0"):
         profile_e2e.main(["--quick", "--device", "cpu", "--engines", "0"])
 
@@ -101,6 +105,23 @@ def test_compare_prints_a_ratio_only_when_pipelined_steps_ran(capsys):
     ran = [result("sequential", 100.0), result("pipelined", 120.0, steps=5)]
     assert bench.compare_line(ran, 1) == 1.2
     assert "1.200 (5 pipelined decode steps)" in capsys.readouterr().out
+
+
+def test_profile_e2e_counts_the_decoder_layers_gemm_weights():
+    # The embedding is a lookup and the LM head runs on sampled rows only: neither counts.
+    from transformers import AutoConfig
+
+    from benchmarks import profile_e2e
+    from benchmarks.common import ModelCost, model_path
+    from nanovllm.models.qwen3 import Qwen3ForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path("8b"))
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    expected = ModelCost.from_config(config, 2).matmul_params
+    assert profile_e2e.gemm_params(model) == expected
+    embed = config.vocab_size * config.hidden_size
+    assert sum(p.numel() for p in model.parameters()) - expected > 2 * embed - 1
 
 
 def test_profile_e2e_refuses_options_it_cannot_act_on():
