@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--async-scheduling",
         type=int,
         choices=(0, 1),
-        help="LLM(async_scheduling=bool(...)); default: the engine's (on)",
+        help="LLM(async_scheduling=bool(...)); default: the engine's (on with one GPU, off "
+        "with tensor parallelism)",
     )
     p.add_argument(
         "--prefill-admission-batch",

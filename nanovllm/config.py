@@ -16,8 +16,15 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 FP8_KV_DTYPE = torch.float8_e4m3fn
 # The default batch cap per GPU: a tensor-parallel engine holds each sequence's KV heads split
 # over its ranks, so N ranks hold about N times the sequences, and its per-step costs (host
-# work, collectives) are then shared by more rows.
+# work, collectives) are then shared by more rows. An fp8 cache holds twice the tokens of a
+# 16-bit one, so it doubles the cap too.
 MAX_NUM_SEQS_PER_GPU = 512
+
+
+def default_max_num_seqs(tensor_parallel_size: int, kv_cache_dtype: str) -> int:
+    """``max_num_seqs`` when not given: MAX_NUM_SEQS_PER_GPU per rank, twice that on fp8."""
+    per_gpu = MAX_NUM_SEQS_PER_GPU * (1 if kv_cache_dtype == "auto" else 2)
+    return per_gpu * tensor_parallel_size
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -35,14 +42,16 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
 class Config:
     model: str
     max_num_batched_tokens: int = 16384
-    # Sequences per step; None: MAX_NUM_SEQS_PER_GPU per tensor-parallel rank.
+    # Sequences per step; None: MAX_NUM_SEQS_PER_GPU per tensor-parallel rank (x2, fp8 cache).
     max_num_seqs: int | None = None
     # While decodes run, new requests are admitted only once at least this many can be (or all
     # that wait): prefill then runs in fewer, larger steps. None: max_num_seqs // 8 (logged).
     prefill_admission_batch: int | None = None
     # Schedule and issue decode step n+1 before reading step n's tokens (engine/llm_engine.py),
     # so the host's work between decode steps overlaps the GPU's. False: every step synchronous.
-    async_scheduling: bool = True
+    # None: on with one rank; off with tensor parallelism, where the shut-down after a worker
+    # fails with a step issued ahead has not been proven on NCCL (True turns it on there).
+    async_scheduling: bool | None = None
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -82,7 +91,9 @@ class Config:
             )
         positive_int("tensor_parallel_size")
         if self.max_num_seqs is None:
-            self.max_num_seqs = MAX_NUM_SEQS_PER_GPU * self.tensor_parallel_size
+            self.max_num_seqs = default_max_num_seqs(self.tensor_parallel_size, self.kv_cache_dtype)
+        if self.async_scheduling is None:
+            self.async_scheduling = self.tensor_parallel_size == 1
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive_int(name)
         if self.prefill_admission_batch is not None:

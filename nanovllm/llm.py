@@ -26,7 +26,7 @@ class LLM(LLMEngine):
 
     - ``max_num_batched_tokens=16384``: tokens per prefill step (long prompts are chunked).
     - ``max_num_seqs=None``: sequences per step; None = 512 per GPU (512 x
-      ``tensor_parallel_size``).
+      ``tensor_parallel_size``), twice that with ``kv_cache_dtype="fp8"``.
     - ``prefill_admission_batch=None``: while decodes run, new requests are admitted only once
       this many (or every waiting one) find a free slot, so prefill comes in fewer, larger
       steps; None = ``max_num_seqs // 8``, 1 = as soon as a slot frees.
@@ -35,9 +35,11 @@ class LLM(LLMEngine):
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.
     - ``tensor_parallel_size=1``: ranks (GPUs, or CPU processes) per engine.
     - ``enforce_eager=False``: True disables CUDA graphs.
-    - ``async_scheduling=False``: True schedules and issues each decode step before the
-      previous step's tokens reach the host (greedy and seeded outputs unchanged; unseeded
-      sampling draws differently, as discarded rows advance the generator).
+    - ``async_scheduling=None``: schedule and issue each decode step before the previous
+      step's tokens reach the host, so host work overlaps the GPU (greedy and seeded outputs
+      unchanged; unseeded sampling draws differently, as discarded rows advance the
+      generator). None: on with one rank, off with ``tensor_parallel_size > 1`` (True there
+      opts in: faster, but its shut-down after a worker failure is not proven on NCCL).
     - ``kvcache_block_size=256``: tokens per KV block (a multiple of 16).
     - ``num_kvcache_blocks=None``: the KV block count (None: sized from free memory).
     - ``enable_prefix_caching=True``: reuse the KV blocks of identical prefixes.

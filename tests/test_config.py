@@ -31,10 +31,20 @@ def test_defaults(tiny_model):
     assert c.async_scheduling is True
 
 
-def test_the_batch_cap_scales_with_the_ranks_unless_given(tiny_model):
+def test_the_batch_cap_scales_with_the_ranks_and_the_cache_unless_given(tiny_model):
     two = Config(tiny_model, tensor_parallel_size=2)
     assert two.max_num_seqs == 1024 and two.resolved_prefill_admission_batch() == 128
     assert Config(tiny_model, tensor_parallel_size=2, max_num_seqs=300).max_num_seqs == 300
+    assert Config(tiny_model, kv_cache_dtype="fp8").max_num_seqs == 1024
+    fp8_tp2 = Config(tiny_model, kv_cache_dtype="fp8_e4m3", tensor_parallel_size=2)
+    assert fp8_tp2.max_num_seqs == 2048
+
+
+def test_async_scheduling_is_on_with_one_rank_unless_given(tiny_model):
+    assert Config(tiny_model).async_scheduling is True
+    assert Config(tiny_model, tensor_parallel_size=2).async_scheduling is False
+    assert Config(tiny_model, tensor_parallel_size=2, async_scheduling=True).async_scheduling
+    assert Config(tiny_model, async_scheduling=False).async_scheduling is False
 
 
 def test_valid_non_defaults(tiny_model):

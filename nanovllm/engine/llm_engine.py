@@ -59,10 +59,18 @@ class LLMEngine:
         self.config = config = Config(model, **kwargs)
         if kwargs.get("max_num_seqs") is None:
             logger.info(
-                "max_num_seqs=%d (%d per GPU, tensor_parallel_size=%d)",
+                "max_num_seqs=%d (%d per GPU, x2 on an fp8 KV cache; tensor_parallel_size=%d, "
+                "kv_cache_dtype=%r)",
                 config.max_num_seqs,
                 MAX_NUM_SEQS_PER_GPU,
                 config.tensor_parallel_size,
+                config.kv_cache_dtype,
+            )
+        if kwargs.get("async_scheduling") is None:
+            logger.info(
+                "async_scheduling=%s (on with one rank, off with tensor parallelism unless "
+                "asked for)",
+                config.async_scheduling,
             )
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)

@@ -124,18 +124,21 @@ def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, re
     # The GPU test compares TP=2 with TP=1 on dummy weights: each rank must keep its shard of
     # the same full tensors.
     prompts, _ = reference
-    one = llm_of(tiny_model, tp=1, load_format="dummy", async_scheduling=False)
+    one = llm_of(tiny_model, tp=1, load_format="dummy")
     expected = tokens(one, prompts)
     one.exit()
-    llm = llm_of(tiny_model, load_format="dummy", async_scheduling=False)  # synchronous steps
+    llm = llm_of(tiny_model, load_format="dummy")
     assert tokens(llm, prompts) == expected
     llm.exit()
 
 
-def test_worker_failure_surfaces_with_traceback_and_cleans_up(tiny_model, reference, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_worker_failure_surfaces_with_traceback_and_cleans_up(
+    tiny_model, reference, monkeypatch, async_scheduling
+):
     prompts, expected = reference
     inject(monkeypatch, fail_at_step, 1, 3)  # rank 1 raises at its third step
-    llm = llm_of(tiny_model)
+    llm = llm_of(tiny_model, async_scheduling=async_scheduling)  # True: a step issued ahead
     with pytest.raises(WorkerError) as info:
         llm.generate(prompts, greedy(), use_tqdm=False)
     message = str(info.value)
