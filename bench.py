@@ -84,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with tensor parallelism)",
     )
     p.add_argument(
+        "--enable-mixed-steps",
+        type=int,
+        choices=(0, 1),
+        help="LLM(enable_mixed_steps=bool(...)): decodes and prefill chunks in one step; "
+        "default: the engine's (off)",
+    )
+    p.add_argument(
         "--prefill-admission-batch",
         type=int,
         help="LLM(prefill_admission_batch=...); default: the engine's (max_num_seqs // 8)",
@@ -141,8 +148,9 @@ def engine_options(args, pipelined: bool) -> dict:
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.async_scheduling is not None:  # a flag: the engine checks for a bool
-        options["async_scheduling"] = bool(args.async_scheduling)
+    for flag in ("async_scheduling", "enable_mixed_steps"):
+        if getattr(args, flag) is not None:  # 0 or 1: the engine checks for a bool
+            options[flag] = bool(getattr(args, flag))
     if pipelined:
         options.update(
             pipeline_attention_sm_count=args.attention_sms,
@@ -179,6 +187,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["max_num_seqs"] = llm.config.max_num_seqs
     result["max_num_batched_tokens"] = llm.config.max_num_batched_tokens
     result["async_scheduling"] = llm.config.async_scheduling
+    result["enable_mixed_steps"] = llm.config.enable_mixed_steps
     result["tensor_parallel_size"] = llm.config.tensor_parallel_size
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs

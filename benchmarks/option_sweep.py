@@ -3,7 +3,8 @@ in one process, on the same requests. How does throughput scale from one GPU to 
 (``tensor_parallel_size``)? Does admitting new requests in batches pay
 (``prefill_admission_batch``)? Does a larger batch cap pay where the KV cache holds more
 (``max_num_seqs``)? Does issuing the next decode step before reading the tokens
-(``async_scheduling``, values 0 and 1) pay?
+(``async_scheduling``, values 0 and 1) pay? Do mixed prefill/decode steps
+(``enable_mixed_steps``, 0 and 1) pay?
 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
@@ -16,6 +17,7 @@ sweep of its own, all in one result file. Every other option is ``bench.py``'s.
     python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
         --option max_num_seqs --values 512 1024 --json OUT
     python benchmarks/option_sweep.py --shape 8b --option async_scheduling --values 0 1 --rounds 2
+    python benchmarks/option_sweep.py --shape 8b --option enable_mixed_steps --values 0 1 --rounds 2
     python benchmarks/option_sweep.py --quick --device cpu --values 1 4
 """
 
@@ -46,8 +48,9 @@ OPTIONS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "async_scheduling",
+    "enable_mixed_steps",
 )
-FLAGS = ("async_scheduling",)
+FLAGS = ("async_scheduling", "enable_mixed_steps")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int], list]:

@@ -52,6 +52,9 @@ class Config:
     # None: on with one rank; off with tensor parallelism, where the shut-down after a worker
     # fails with a step issued ahead has not been proven on NCCL (True turns it on there).
     async_scheduling: bool | None = None
+    # A step carries the running decodes first, then prefill chunks up to max_num_batched_tokens
+    # (engine/mixed_scheduler.py); False: prefill runs in steps of its own, decodes waiting.
+    enable_mixed_steps: bool = False
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -152,6 +155,7 @@ class Config:
             bad("seed", "use an integer")
         for name in (
             "async_scheduling",
+            "enable_mixed_steps",
             "enforce_eager",
             "enable_prefix_caching",
             "skip_tokenizer_init",

@@ -40,6 +40,9 @@ class LLM(LLMEngine):
       unchanged; unseeded sampling draws differently, as discarded rows advance the
       generator). None: on with one rank, off with ``tensor_parallel_size > 1`` (True there
       opts in: faster, but its shut-down after a worker failure is not proven on NCCL).
+    - ``enable_mixed_steps=False``: True makes a step carry the running decodes first, then
+      prefill chunks up to ``max_num_batched_tokens``, so no decode waits behind a prefill
+      step (mixed steps run eagerly; their attention in two launches).
     - ``kvcache_block_size=256``: tokens per KV block (a multiple of 16).
     - ``num_kvcache_blocks=None``: the KV block count (None: sized from free memory).
     - ``enable_prefix_caching=True``: reuse the KV blocks of identical prefixes.

@@ -28,7 +28,7 @@ def test_defaults(tiny_model):
     assert c.pipeline_ffn_gemm == "triton"
     assert c.kv_cache_dtype == "auto"
     assert c.prefill_admission_batch is None and c.resolved_prefill_admission_batch() == 64
-    assert c.async_scheduling is True
+    assert c.async_scheduling is True and c.enable_mixed_steps is False
 
 
 def test_the_batch_cap_scales_with_the_ranks_and_the_cache_unless_given(tiny_model):
@@ -80,6 +80,7 @@ INVALID = [
     ("prefill_admission_batch", 513),
     ("prefill_admission_batch", 2.0),
     ("async_scheduling", 1),
+    ("enable_mixed_steps", "yes"),
     ("max_model_len", 1024.0),
     ("tensor_parallel_size", 0),
     ("gpu_memory_utilization", 0),

@@ -64,9 +64,13 @@ def test_greedy_tokens_match_transformers(llm, gpu_model_06b):
     transformers' argmax or within bf16 noise of it (a random model has many near-ties, so
     free-running sequences may part after a tie and that is not an error), and the first step
     must agree exactly."""
-    hf = hf_model(gpu_model_06b)
     prompts = mixed_prompts(6, seed=2)
     outs = llm.generate(prompts, greedy_params(), use_tqdm=False)
+    assert_teacher_forced(hf_model(gpu_model_06b), prompts, outs)
+
+
+def assert_teacher_forced(hf, prompts, outs):
+    """See test_greedy_tokens_match_transformers."""
     exact = 0
     for ids, out in zip(prompts, outs):
         ours = out["token_ids"]
@@ -147,3 +151,27 @@ def test_async_scheduling_equals_the_synchronous_engine(llm, gpu_model_06b):
     finally:
         del llm.scheduler.schedule_ahead
         sync.exit()
+
+
+def test_mixed_steps_greedy_tokens_match_transformers(gpu_model_06b):
+    """Mixed steps (decode rows and prefill chunks in one eager step, attention in two
+    launches): greedy tokens against transformers as above. Few slots and a small token budget
+    make new prompts start, in chunks, beside running decodes."""
+    mixed = LLM(
+        gpu_model_06b,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=4,
+        max_model_len=1024,
+        max_num_batched_tokens=256,
+        enable_mixed_steps=True,
+    )
+    try:
+        real = mixed.scheduler.schedule
+        batches = []
+        mixed.scheduler.schedule = lambda: batches.append(real()) or batches[-1]
+        prompts = mixed_prompts(10, seed=6)
+        outs = mixed.generate(prompts, greedy_params(), use_tqdm=False)
+        assert sum(b.num_decode_rows > 0 for b in batches) >= 3
+        assert_teacher_forced(hf_model(gpu_model_06b), prompts, outs)
+    finally:
+        mixed.exit()

@@ -64,27 +64,67 @@ class AttentionBackend:
         lists), on ``device``."""
         i32 = torch.int32
         tables = plan.block_tables
-        if plan.is_prefill:
+        slots = to_device(plan.slot_mapping, i32, device)
+        if not plan.is_prefill:
             return AttentionMetadata(
-                is_prefill=True,
-                slot_mapping=to_device(plan.slot_mapping, i32, device),
-                cu_seqlens_q=to_device(plan.cu_seqlens_q, i32, device),
-                cu_seqlens_k=to_device(plan.cu_seqlens_k, i32, device),
-                max_seqlen_q=plan.max_seqlen_q,
-                max_seqlen_k=plan.max_seqlen_k,
-                block_tables=to_device(tables, i32, device) if tables is not None else None,
+                is_prefill=False,
+                slot_mapping=slots,
+                context_lens=to_device(plan.context_lens, i32, device),
+                block_tables=to_device(tables, i32, device),
             )
+        d = plan.num_decode_rows  # a mixed step: its decode rows' tables come first
+        decode = None
+        if d:
+            tables = to_device(tables, i32, device)
+            decode = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=slots[:d],
+                context_lens=to_device(plan.context_lens, i32, device),
+                block_tables=tables[:d],
+            )
+            tables = tables[d:] if tables.shape[0] > d else None
+        elif tables is not None:
+            tables = to_device(tables, i32, device)
         return AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=to_device(plan.slot_mapping, i32, device),
-            context_lens=to_device(plan.context_lens, i32, device),
-            block_tables=to_device(tables, i32, device),
+            is_prefill=True,
+            slot_mapping=slots,
+            cu_seqlens_q=to_device(plan.cu_seqlens_q, i32, device),
+            cu_seqlens_k=to_device(plan.cu_seqlens_k, i32, device),
+            max_seqlen_q=plan.max_seqlen_q,
+            max_seqlen_k=plan.max_seqlen_k,
+            block_tables=tables,
+            decode=decode,
         )
 
     def decode_buffers(
         self, max_num_seqs: int, max_blocks: int, device: torch.device
     ) -> DecodeMetadataBuffers:
         return DecodeMetadataBuffers(max_num_seqs, max_blocks, device)
+
+    # -- a step's attention --------------------------------------------------------------------
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        **scales: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """The attention of one step whose new K/V are stored already: decode, prefill, or a
+        mixed step in two launches (its decode rows through ``decode``, the prefill rows after
+        them through ``prefill``; each row's keys are in the cache or the new tokens)."""
+        if not meta.is_prefill:
+            return self.decode(q, k_cache, v_cache, meta, scale, **scales)
+        d = meta.num_decode_tokens
+        if not d:
+            return self.prefill(q, k, v, k_cache, v_cache, meta, scale, **scales)
+        out = torch.empty_like(q)
+        out[:d] = self.decode(q[:d], k_cache, v_cache, meta.decode, scale, **scales)
+        out[d:] = self.prefill(q[d:], k[d:], v[d:], k_cache, v_cache, meta, scale, **scales)
+        return out
 
     # -- kernels -----------------------------------------------------------------------------
     def store_kvcache(

@@ -23,6 +23,9 @@ class AttentionMetadata:
     - decode: one query token per sequence; ``context_lens``: [num_seqs] int32 keys per sequence
       (the new token included, 0 for padding rows); ``block_tables``: [num_seqs, max_blocks] int32
       (-1 padded).
+    - mixed (a prefill step that also decodes): ``decode`` is the metadata of its first
+      ``num_decode_tokens`` tokens, one per decoding sequence; the prefill fields above describe
+      the tokens after them; ``slot_mapping`` covers every token of the step.
     """
 
     is_prefill: bool
@@ -33,6 +36,12 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    decode: AttentionMetadata | None = None
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """Tokens at the start of a mixed step that decode (0 for any other step)."""
+        return 0 if self.decode is None else self.decode.context_lens.shape[0]
 
     def decode_slice(self, start: int, end: int) -> AttentionMetadata:
         """The metadata of decode rows [start, end): a micro-batch's view, sharing storage."""

@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from nanovllm.config import MAX_NUM_SEQS_PER_GPU, Config, RuntimeInfo, check_tensor_parallel
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.mixed_scheduler import MixedScheduler
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.requests import (
     Limits,
@@ -91,7 +92,8 @@ class LLMEngine:
         self.limits = self._kv_cache_limits(max_model_len)
         max_model_len = self.runtime.max_model_len
         self._stop_checker = StopStringChecker(self.tokenizer)
-        self.scheduler = Scheduler(
+        scheduler = MixedScheduler if config.enable_mixed_steps else Scheduler
+        self.scheduler = scheduler(
             BlockManager(
                 self.runtime.num_kvcache_blocks,
                 config.kvcache_block_size,
@@ -202,7 +204,8 @@ class LLMEngine:
 
     def step(self) -> tuple[list[Sequence], int]:
         """One engine step; returns the sequences that finished and the tokens processed
-        (positive for prefill, negative for decode, as nano-vllm reports them).
+        (positive for prefill, negative for decode, as nano-vllm reports them; a mixed step
+        counts its prefill tokens).
 
         With ``async_scheduling`` a decode step is issued, then the next decode step is
         scheduled and issued while it runs (its input tokens read on the device), and only
@@ -220,7 +223,9 @@ class LLMEngine:
                 return finished, 0
             if not self._may_run_ahead(batch):
                 return finished + self._postprocess(batch, self.model_runner.run(batch)), (
-                    batch.num_tokens if batch.is_prefill else -len(batch.seqs)
+                    batch.num_tokens - batch.num_decode_rows
+                    if batch.is_prefill
+                    else -len(batch.seqs)
                 )
             self._in_flight = self.model_runner.launch(batch)
         launched = self._in_flight

@@ -54,6 +54,11 @@ class StepPlan:
     # prev_num_rows rows every rank gets from rank 0 (see ModelRunner.execute).
     prev_rows: list[int] | None = None
     prev_num_rows: int = 0
+    # A mixed step (is_prefill True): rows and tokens [0, num_decode_rows) are decodes, one
+    # token each, described by context_lens and the first block_tables rows; the prefill
+    # fields describe the tokens after them (cu_seqlens from 0 at the first prefill token),
+    # and block_tables holds their rows too when one has a cached or computed prefix.
+    num_decode_rows: int = 0
 
 
 def _block_table_rows(batch: ScheduledBatch) -> list[list[int]]:
@@ -118,7 +123,44 @@ def plan_decode(batch: ScheduledBatch, block_size: int, prev_num_rows: int = 0) 
     )
 
 
+def plan_mixed(batch: ScheduledBatch, block_size: int) -> StepPlan:
+    """A mixed step: its decode rows planned as a decode step, its prefill rows as a prefill
+    step, concatenated (decodes first)."""
+    d = batch.num_decode_rows
+    decode = plan_decode(_rows(batch, 0, d), block_size)
+    prefill = plan_prefill(_rows(batch, d, len(batch.seqs)), block_size)
+    tables = decode.block_tables
+    if prefill.block_tables is not None:
+        width = max(len(tables[0]), len(prefill.block_tables[0]))
+        tables = [row + [-1] * (width - len(row)) for row in tables + prefill.block_tables]
+    return StepPlan(
+        is_prefill=True,
+        input_ids=decode.input_ids + prefill.input_ids,
+        positions=decode.positions + prefill.positions,
+        slot_mapping=decode.slot_mapping + prefill.slot_mapping,
+        sampling_rows=decode.sampling_rows + [d + r for r in prefill.sampling_rows],
+        logits_indices=list(range(d)) + [d + t for t in prefill.logits_indices],
+        cu_seqlens_q=prefill.cu_seqlens_q,
+        cu_seqlens_k=prefill.cu_seqlens_k,
+        max_seqlen_q=prefill.max_seqlen_q,
+        max_seqlen_k=prefill.max_seqlen_k,
+        context_lens=decode.context_lens,
+        block_tables=tables,
+        num_decode_rows=d,
+    )
+
+
+def _rows(batch: ScheduledBatch, start: int, end: int) -> ScheduledBatch:
+    return ScheduledBatch(
+        is_prefill=start > 0,
+        seqs=batch.seqs[start:end],
+        num_new_tokens=batch.num_new_tokens[start:end],
+    )
+
+
 def plan_step(batch: ScheduledBatch, block_size: int, prev_num_rows: int = 0) -> StepPlan:
+    if batch.num_decode_rows:
+        return plan_mixed(batch, block_size)
     if batch.is_prefill:
         return plan_prefill(batch, block_size)
     return plan_decode(batch, block_size, prev_num_rows)

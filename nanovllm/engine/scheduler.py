@@ -26,6 +26,9 @@ class ScheduledBatch:
     # this step's input, read on the device from row ``prev_rows[i]`` of that step's samples.
     lookahead: int = 0
     prev_rows: list[int] | None = None
+    # A mixed step (engine/mixed_scheduler.py): rows [0, num_decode_rows) are decodes of one
+    # token each, the rest prefill chunks; ``is_prefill`` is then True (an eager forward).
+    num_decode_rows: int = 0
 
     def samples(self, i: int) -> bool:
         seq = self.seqs[i]
@@ -83,9 +86,11 @@ class Scheduler:
             return batch
         return self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch:
+    def _schedule_prefill(self, budget: int | None = None, admit: bool = True) -> ScheduledBatch:
+        """Prefill chunks within ``budget`` tokens (default: ``max_num_batched_tokens``): the
+        running sequences' unfinished prefills first, then new requests if ``admit``."""
         batch = ScheduledBatch(is_prefill=True)
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if budget is None else max(0, budget)
 
         def take(seq: Sequence) -> None:
             nonlocal budget
@@ -97,7 +102,7 @@ class Scheduler:
         for seq in self.running:  # sequences in the middle of a chunked prefill
             if budget and seq.needs_prefill:
                 take(seq)
-        if not batch.seqs and self._admission_held_back():
+        if not admit or (not batch.seqs and self._admission_held_back()):
             return batch  # decode on; admit once enough slots have freed
         reserve = None  # blocks the running sequences' headroom needs; computed when needed
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
@@ -118,8 +123,8 @@ class Scheduler:
         batch = ScheduledBatch(is_prefill=False)
         block_size = self.block_manager.block_size
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # preempted or finished earlier in this loop
+            if seq.status != SequenceStatus.RUNNING or seq.needs_prefill:
+                continue  # preempted or finished earlier in this loop, or a prefill chunk's
             if len(seq.token_ids) <= len(seq.block_table) * block_size:
                 batch.seqs.append(seq)  # its blocks hold the new token: the common case
                 continue

@@ -33,8 +33,4 @@ class Attention(nn.Module):
         fp8 = {"k_scale": self.k_scale, "v_scale": self.v_scale} if kc.dtype == FP8 else {}
         if kc.numel():  # empty during the warm-up pass that runs before allocation
             backend.store_kvcache(k, v, kc, vc, meta.slot_mapping, **fp8)
-        if meta.is_prefill:
-            o = backend.prefill(q, k, v, kc, vc, meta, self.scale, **fp8)
-        else:
-            o = backend.decode(q, kc, vc, meta, self.scale, **fp8)
-        return o.flatten(1, 2)
+        return backend.attend(q, k, v, kc, vc, meta, self.scale, **fp8).flatten(1, 2)

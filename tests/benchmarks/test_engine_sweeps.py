@@ -18,15 +18,16 @@ def test_option_sweep_sets_the_option_on_each_engine(capsys):
     assert "max_num_seqs 8 / 2" in capsys.readouterr().out
 
 
-def test_option_sweep_of_a_flag():
+@pytest.mark.parametrize("flag", ["async_scheduling", "enable_mixed_steps"])
+def test_option_sweep_of_a_flag(flag):
     payload = option_sweep.main(
-        ["--quick", "--device", "cpu", "--option", "async_scheduling", "--values", "0", "1"]
+        ["--quick", "--device", "cpu", "--option", flag, "--values", "0", "1"]
     )
     (sweep,) = payload["sweeps"]
-    assert [r["async_scheduling"] for r in sweep["results"]] == [False, True]
+    assert [r[flag] for r in sweep["results"]] == [False, True]
     assert len({r["tokens"] for r in sweep["results"]}) == 1
     with pytest.raises(SystemExit):
-        option_sweep.parse_args(["--option", "async_scheduling", "--values", "2"])
+        option_sweep.parse_args(["--option", flag, "--values", "2"])
 
 
 def test_option_sweep_rounds_reverse_the_order():

@@ -120,6 +120,19 @@ def test_async_scheduling_keeps_the_ranks_in_step(tiny_model, reference):
     assert_nothing_left(llm)
 
 
+def test_mixed_steps_keep_the_ranks_in_step(tiny_model, reference):
+    # A mixed step's plan (decode rows, then prefill chunks) goes to every rank as one plan.
+    prompts, expected = reference
+    llm = llm_of(tiny_model, enable_mixed_steps=True, max_num_seqs=2, max_num_batched_tokens=32)
+    real = llm.scheduler.schedule
+    batches = []
+    llm.scheduler.schedule = lambda: batches.append(real()) or batches[-1]
+    assert tokens(llm, prompts) == expected
+    assert any(b.num_decode_rows for b in batches)
+    llm.exit()
+    assert_nothing_left(llm)
+
+
 def test_dummy_weights_are_one_model_for_any_tensor_parallel_size(tiny_model, reference):
     # The GPU test compares TP=2 with TP=1 on dummy weights: each rank must keep its shard of
     # the same full tensors.
