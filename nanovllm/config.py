@@ -3,12 +3,15 @@ dtype, the KV block count, the SM split actually granted) live in ``RuntimeInfo`
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from nanovllm.attention import backend_names
+
+logger = logging.getLogger(__name__)
 
 # KV-cache storage: "auto" = the model dtype; "fp8" (alias "fp8_e4m3") = float8 e4m3 with a
 # per-layer scale (engine/kv_cache.py says why), half the bytes of bf16 per token.
@@ -247,4 +250,30 @@ def check_tensor_parallel(config: Config, hf_config, device: torch.device) -> No
             f"Config.tensor_parallel_size={n} cannot start: torch.distributed is already "
             "initialised in this process (another tensor-parallel LLM is alive?): call its "
             "exit() or delete it first; one tensor-parallel engine per process"
+        )
+
+
+def log_automatic_choices(config: Config, given: dict) -> None:
+    """Log once each option the engine chose because the user left it out of ``given``."""
+    if given.get("max_num_seqs") is None:
+        logger.info(
+            "max_num_seqs=%d (%d per GPU, x2 on an fp8 KV cache; tensor_parallel_size=%d, "
+            "kv_cache_dtype=%r)",
+            config.max_num_seqs,
+            MAX_NUM_SEQS_PER_GPU,
+            config.tensor_parallel_size,
+            config.kv_cache_dtype,
+        )
+    if given.get("async_scheduling") is None:
+        logger.info(
+            "async_scheduling=%s (on with one rank, off with tensor parallelism unless asked for)",
+            config.async_scheduling,
+        )
+    if config.prefill_admission_batch is None:
+        n = config.resolved_prefill_admission_batch()
+        logger.info(
+            "prefill_admission_batch=%d (max_num_seqs // 8): while decodes run, new requests "
+            "are admitted %d at a time",
+            n,
+            n,
         )

@@ -216,3 +216,17 @@ def test_kv_cache_torch_dtype():
     assert kv_cache_torch_dtype("fp8_e4m3", torch.float32) == torch.float8_e4m3fn
     with pytest.raises(ValueError, match="kv_cache_dtype='e5m2'"):
         kv_cache_torch_dtype("e5m2", torch.bfloat16)
+
+
+def test_automatic_choices_are_logged_and_given_ones_are_not(tiny_model, caplog):
+    from nanovllm.config import log_automatic_choices
+
+    with caplog.at_level("INFO", logger="nanovllm"):
+        log_automatic_choices(Config(tiny_model), given={})
+        text = caplog.text
+        assert "max_num_seqs=512" in text and "async_scheduling=True" in text
+        assert "prefill_admission_batch=64" in text
+        caplog.clear()
+        given = dict(max_num_seqs=8, async_scheduling=False, prefill_admission_batch=2)
+        log_automatic_choices(Config(tiny_model, **given), given=given)
+        assert caplog.text == ""

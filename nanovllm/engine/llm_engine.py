@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from nanovllm.config import MAX_NUM_SEQS_PER_GPU, Config, RuntimeInfo, check_tensor_parallel
+from nanovllm.config import Config, RuntimeInfo, check_tensor_parallel, log_automatic_choices
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.mixed_scheduler import MixedScheduler
 from nanovllm.engine.model_runner import ModelRunner
@@ -58,21 +58,7 @@ class LLMEngine:
                 f"{sorted(Config.field_names() - {'model'})}"
             )
         self.config = config = Config(model, **kwargs)
-        if kwargs.get("max_num_seqs") is None:
-            logger.info(
-                "max_num_seqs=%d (%d per GPU, x2 on an fp8 KV cache; tensor_parallel_size=%d, "
-                "kv_cache_dtype=%r)",
-                config.max_num_seqs,
-                MAX_NUM_SEQS_PER_GPU,
-                config.tensor_parallel_size,
-                config.kv_cache_dtype,
-            )
-        if kwargs.get("async_scheduling") is None:
-            logger.info(
-                "async_scheduling=%s (on with one rank, off with tensor parallelism unless "
-                "asked for)",
-                config.async_scheduling,
-            )
+        log_automatic_choices(config, given=kwargs)
         check_model_folder(model)
         hf_config = AutoConfig.from_pretrained(model)
         check_supported_config(hf_config)
@@ -104,7 +90,7 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=self.runtime.eos_token_ids,
             stop_checker=self._stop_checker if self.tokenizer is not None else None,
-            admission_batch=self._admission_batch(),
+            admission_batch=config.resolved_prefill_admission_batch(),
         )
         self._closed = False
         self._in_flight = None  # async scheduling: the decode step issued, tokens not yet read
@@ -126,17 +112,6 @@ class LLMEngine:
             return ModelRunner(self.config, self.runtime, workers)
         except BaseException as e:
             raise workers.failure_for(e)  # noqa: B904 - it chains ``e`` itself
-
-    def _admission_batch(self) -> int:
-        n = self.config.resolved_prefill_admission_batch()
-        if self.config.prefill_admission_batch is None:
-            logger.info(
-                "prefill_admission_batch=%d (max_num_seqs // 8): while decodes run, new requests "
-                "are admitted %d at a time",
-                n,
-                n,
-            )
-        return n
 
     def _kv_cache_limits(self, max_model_len: int) -> Limits:
         """A KV cache smaller than one max_model_len sequence lowers the effective
