@@ -70,6 +70,9 @@ from nanovllm.engine import model_runner as model_runner_module  # noqa: E402
 from nanovllm.engine import tp_workers  # noqa: E402
 
 PHASES = ("schedule", "plan", "forward", "sample", "postprocess")
+# Step kinds: "mixed" steps (``--enable-mixed-steps 1``) carry decode rows and prefill chunks;
+# their tokens are both, their time is not in the prefill TFLOP/s.
+KINDS = ("prefill", "mixed", "decode")
 
 
 class StepRecorder:
@@ -94,6 +97,7 @@ class StepRecorder:
             out = original_plan(batch, block_size, *args)
             self._current["plan"] = time.perf_counter() - t
             self._current["context"] = sum(out.context_lens) if out.context_lens else 0
+            self._current["decode_rows"] = out.num_decode_rows
             blocks = llm.scheduler.block_manager
             self._current["kv_used"] = blocks.num_blocks - blocks.num_free_blocks
             return out
@@ -107,7 +111,8 @@ class StepRecorder:
             finished, n = original_step()
             if n:
                 row = self._current
-                row.update(kind="prefill" if n > 0 else "decode", n=abs(n))
+                kind = "decode" if n < 0 else "mixed" if row.get("decode_rows") else "prefill"
+                row.update(kind=kind, n=abs(n) + row.get("decode_rows", 0) * (n > 0))
                 row["wall"] = time.perf_counter() - t
                 self.steps.append(row)
             return finished, n
@@ -139,9 +144,11 @@ def bucket(n: int) -> str:
 
 def summarise(steps: list[dict], total_s: float, params_count: int, peak_tflops: float) -> dict:
     out: dict = {"total_s": total_s, "steps": len(steps)}
-    for kind in ("prefill", "decode"):
+    for kind in KINDS:
         rows = [r for r in steps if r["kind"] == kind]
         kind_out = {"steps": len(rows), "tokens": sum(r["n"] for r in rows)}
+        if kind == "mixed":
+            kind_out["decode_rows"] = sum(r["decode_rows"] for r in rows)
         kind_out["wall_s"] = sum(r["wall"] for r in rows)
         for phase in PHASES:
             kind_out[f"{phase}_s"] = sum(r[phase] for r in rows)
@@ -174,8 +181,10 @@ def print_summary(s: dict, tokens: int) -> None:
     print(f"\n{tokens} output tokens in {s['total_s']:.2f} s ({tokens / s['total_s']:.0f} tok/s)")
     phases = " ".join(f"{p:>11}" for p in PHASES)
     print(f"{'kind':8} {'steps':>6} {'tokens':>8} {'wall s':>8} {phases}")
-    for kind in ("prefill", "decode"):
+    for kind in KINDS:
         k = s[kind]
+        if kind == "mixed" and not k["steps"]:
+            continue
         cells = " ".join(f"{k[p + '_s']:>11.2f}" for p in PHASES)
         print(f"{kind:8} {k['steps']:>6} {k['tokens']:>8} {k['wall_s']:>8.2f} {cells}")
     if "gemm_tflops" in s["prefill"]:
@@ -235,7 +244,9 @@ def profile_engine(args, path: str, device, prompts, params, peak_tflops: float)
     last = len(timers.records) if tp else 0
     summary = summarise(recorder.steps, seconds, gemm_params(llm.model_runner.model), peak_tflops)
     summary["preemptions"] = llm.scheduler.num_preemptions - preempted_before
-    summary["recomputed_tokens"] = summary["prefill"]["tokens"] - sum(map(len, prompts))
+    mixed = summary["mixed"]
+    prefilled = summary["prefill"]["tokens"] + mixed["tokens"] - mixed.get("decode_rows", 0)
+    summary["recomputed_tokens"] = prefilled - sum(map(len, prompts))
     summary["num_kvcache_blocks"] = llm.runtime.num_kvcache_blocks
     summary["prefill_admission_batch"] = llm.scheduler.admission_batch
     summary["compiles_in_timed_run"] = compiled
@@ -334,7 +345,7 @@ def print_engine_deltas(summaries: list[dict]) -> None:
     print("\nseconds against the last engine (+ = slower):")
     for i, s in enumerate(summaries[:-1]):
         cells = [f"total {s['total_s'] - last['total_s']:+.3f}"]
-        for kind in ("prefill", "decode"):
+        for kind in KINDS:
             for phase in PHASES:
                 d = s[kind][f"{phase}_s"] - last[kind][f"{phase}_s"]
                 if abs(d) >= 0.005:

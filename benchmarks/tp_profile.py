@@ -288,8 +288,8 @@ def merge_steps(engine_steps: list[dict], ranks: list[list[dict]]) -> list[dict]
 
 
 def group_name(row: dict, bucket) -> str:
-    if row["kind"] == "prefill":
-        return "prefill"
+    if row["kind"] != "decode":
+        return row["kind"]  # prefill or mixed
     return f"decode{'-graph' if row['graph'] else ''} {bucket(row['rows'])}"
 
 

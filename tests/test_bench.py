@@ -107,6 +107,19 @@ def test_compare_prints_a_ratio_only_when_pipelined_steps_ran(capsys):
     assert "1.200 (5 pipelined decode steps)" in capsys.readouterr().out
 
 
+def test_profile_e2e_counts_mixed_steps_apart(capsys):
+    from benchmarks import profile_e2e
+
+    argv = ["--quick", "--device", "cpu", "--enable-mixed-steps", "1", "--max-num-seqs", "2"]
+    payload = profile_e2e.main(argv)
+    s = payload["summary"]
+    assert s["mixed"]["steps"] > 0 and s["recomputed_tokens"] == 0
+    # every sampled token: a decode row (of a decode or a mixed step) or a prompt's last chunk
+    num_seqs = bench.parse_args(["--quick"]).num_seqs
+    assert s["decode"]["tokens"] + s["mixed"]["decode_rows"] + num_seqs == payload["tokens"]
+    assert "mixed " in capsys.readouterr().out
+
+
 def test_profile_e2e_counts_the_decoder_layers_gemm_weights():
     # The embedding is a lookup and the LM head runs on sampled rows only: neither counts.
     from transformers import AutoConfig
