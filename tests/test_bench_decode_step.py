@@ -43,6 +43,21 @@ def test_quick_run_reports_serial_and_step_over_serial():
     assert "serial ms" in headers and "step/serial" in headers
 
 
+def test_quick_run_on_an_fp8_cache_counts_its_bytes():
+    argv = ["--quick", "--device", "cpu", "--batches", "2", "--ctxs", "40"]
+    auto = decode_step.main(argv)["models"][0]
+    fp8 = decode_step.main([*argv, "--kv-cache-dtype", "fp8"])["models"][0]
+    assert fp8["kv_cache_dtype"] == "torch.float8_e4m3fn" != auto["kv_cache_dtype"]
+    (row,), (ref,) = fp8["rows"], auto["rows"]
+    # The tiny model runs in float32 on CPU: an fp8 cache reads a quarter of its KV bytes.
+    from transformers import AutoConfig
+
+    from benchmarks.common import model_path
+
+    kv_fp8 = ModelCost.from_config(AutoConfig.from_pretrained(model_path("tiny")), 4, 1)
+    assert ref["bytes"] - row["bytes"] == 3 * kv_fp8.kv_bytes(2, 40) > 0
+
+
 def test_model_and_shape_are_exclusive():
     with pytest.raises(SystemExit):
         decode_step.parse_args(["--model", "/x", "--shape", "8b"])
