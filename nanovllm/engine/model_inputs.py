@@ -127,8 +127,8 @@ def plan_mixed(batch: ScheduledBatch, block_size: int) -> StepPlan:
     """A mixed step: its decode rows planned as a decode step, its prefill rows as a prefill
     step, concatenated (decodes first)."""
     d = batch.num_decode_rows
-    decode = plan_decode(_rows(batch, 0, d), block_size)
-    prefill = plan_prefill(_rows(batch, d, len(batch.seqs)), block_size)
+    decode = plan_decode(_rows(batch, 0, d, is_prefill=False), block_size)
+    prefill = plan_prefill(_rows(batch, d, len(batch.seqs), is_prefill=True), block_size)
     tables = decode.block_tables
     if prefill.block_tables is not None:
         width = max(len(tables[0]), len(prefill.block_tables[0]))
@@ -150,9 +150,9 @@ def plan_mixed(batch: ScheduledBatch, block_size: int) -> StepPlan:
     )
 
 
-def _rows(batch: ScheduledBatch, start: int, end: int) -> ScheduledBatch:
+def _rows(batch: ScheduledBatch, start: int, end: int, is_prefill: bool) -> ScheduledBatch:
     return ScheduledBatch(
-        is_prefill=start > 0,
+        is_prefill=is_prefill,
         seqs=batch.seqs[start:end],
         num_new_tokens=batch.num_new_tokens[start:end],
     )
