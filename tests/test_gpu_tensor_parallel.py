@@ -203,9 +203,10 @@ FAILURE_SCRIPT = textwrap.dedent(
     from tests.engine.tp_faults import REAL_WORKER_MAIN, fail_at_step
 
     if __name__ == "__main__":
-        path = sys.argv[1]
+        path, async_scheduling = sys.argv[1], sys.argv[2] == "1"
         kw = dict(tensor_parallel_size=2, dtype="bfloat16", load_format="dummy",
-                  max_num_seqs=8, max_model_len=512, num_kvcache_blocks=32)
+                  max_num_seqs=8, max_model_len=512, num_kvcache_blocks=32,
+                  async_scheduling=async_scheduling)
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         tp_workers._worker_main = functools.partial(fail_at_step, 1, 3)  # rank 1, third step
         llm = LLM(path, **kw)
@@ -230,10 +231,13 @@ FAILURE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_worker_failure_under_nccl_surfaces(tmp_path):
+# async_scheduling=True (opt-in under tensor parallelism): a decode step is issued ahead, and
+# its inputs are broadcast from rank 0 with an eager collective, when the worker fails.
+@pytest.mark.parametrize("async_scheduling", ["0", "1"])
+def test_worker_failure_under_nccl_surfaces(tmp_path, async_scheduling):
     from nanovllm.utils.default_model import make_random_qwen3
 
     path = make_random_qwen3(str(tmp_path / "model"), "0.6b", write_weights=False)
-    out, err = run_script(tmp_path, "fail", FAILURE_SCRIPT, path)
+    out, err = run_script(tmp_path, "fail", FAILURE_SCRIPT, path, async_scheduling)
     print(out.strip())
     assert "TP FAILURE HANDLED" in out, out[-4000:] + err[-8000:]
