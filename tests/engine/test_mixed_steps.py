@@ -75,3 +75,36 @@ def test_a_mixed_step_reports_its_prefill_tokens(tiny_model):
     assert mixed.mixed_steps == 1 and n == 20  # its one decode row is not counted as prefill
     while not mixed.is_finished():
         mixed.step()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workloads_match_the_prefill_first_engine(tiny_model, seed):
+    """Shared prefixes, more requests than slots, a small cache (preemption), chunking, stop
+    tokens sampled mid-way, seeded sampling, steps issued ahead on or off."""
+    import random
+
+    rng = random.Random(seed)
+    kw = dict(max_num_seqs=rng.choice([3, 5]), prefill_admission_batch=rng.choice([1, 2]))
+    kw.update(num_kvcache_blocks=rng.choice([12, 40]), max_num_batched_tokens=rng.choice([32, 256]))
+    plain, mixed = engines(tiny_model, async_scheduling=rng.random() < 0.5, **kw)
+    for llm in (plain, mixed):
+        llm.scheduler.headroom_steps = 0  # admit greedily: decode must preempt in a small cache
+    shared = [rng.randrange(3, 400) for _ in range(20)]
+    prompts = [
+        (shared if rng.random() < 0.5 else [])
+        + [rng.randrange(3, 400) for _ in range(rng.randrange(2, 60))]
+        for _ in range(11)
+    ]
+    params = []
+    for _ in prompts:
+        n = rng.randrange(1, 40)
+        if rng.random() < 0.5:
+            stop = [rng.randrange(3, 400) for _ in range(150)]  # some of these get sampled
+            params.append(SamplingParams(temperature=0, max_tokens=n, stop_token_ids=stop))
+        else:
+            params.append(SamplingParams(temperature=0.9, seed=rng.randrange(1000), max_tokens=n))
+    expected = outputs(plain, prompts, params)
+    assert outputs(mixed, prompts, params) == expected
+    assert mixed.mixed_steps > 0 and any(r == "stop" for _, r in expected)
+    if seed == 0:  # its 12-block cache preempts (once in each engine when written)
+        assert plain.scheduler.num_preemptions > 0 and mixed.scheduler.num_preemptions > 0
