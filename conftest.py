@@ -82,3 +82,35 @@ def mixed_prompts(n: int, seed: int = 0, vocab: int = 400, lo: int = 3, hi: int 
 
     rng = random.Random(seed)
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def random_engine_options(rng, batched_tokens=(48, 256)) -> dict:
+    """Few slots, admission in ones or twos, a small or larger cache, a small or larger budget."""
+    kw = dict(max_num_seqs=rng.choice([3, 5]), prefill_admission_batch=rng.choice([1, 2]))
+    kw.update(
+        num_kvcache_blocks=rng.choice([12, 40]), max_num_batched_tokens=rng.choice(batched_tokens)
+    )
+    return kw
+
+
+def random_workload(rng, num_prompts: int = 11, max_suffix: int = 30):
+    """Prompts (about half share a 20-token prefix: prefix-cache hits) and their params: greedy
+    with 150 stop ids (some get sampled mid-way) or seeded sampling at temperature 0.9."""
+    from nanovllm import SamplingParams
+
+    shared = [rng.randrange(3, 400) for _ in range(20)]
+    prompts = [
+        (shared if rng.random() < 0.5 else [])
+        + [rng.randrange(3, 400) for _ in range(rng.randrange(2, max_suffix))]
+        for _ in range(num_prompts)
+    ]
+    params = []
+    for _ in prompts:
+        stop = [rng.randrange(3, 400) for _ in range(150)]
+        if rng.random() < 0.5:
+            n = rng.randrange(1, 40)
+            params.append(SamplingParams(temperature=0, max_tokens=n, stop_token_ids=stop))
+        else:
+            seed, n = rng.randrange(1000), rng.randrange(1, 40)
+            params.append(SamplingParams(temperature=0.9, seed=seed, max_tokens=n))
+    return prompts, params

@@ -5,7 +5,7 @@ its own too."""
 
 import pytest
 
-from conftest import mixed_prompts
+from conftest import mixed_prompts, random_engine_options, random_workload
 from nanovllm import LLM, SamplingParams
 from tests.helpers import load_test_module
 
@@ -165,30 +165,10 @@ def test_random_workloads_match_the_synchronous_engine(tiny_model, seed):
     import random
 
     rng = random.Random(seed)
-    kw = dict(max_num_seqs=rng.choice([3, 5]), prefill_admission_batch=rng.choice([1, 2]))
-    kw.update(num_kvcache_blocks=rng.choice([12, 40]), max_num_batched_tokens=rng.choice([48, 256]))
-    sync, ahead = engines(tiny_model, **kw)
+    sync, ahead = engines(tiny_model, **random_engine_options(rng))
     for llm in (sync, ahead):
         llm.scheduler.headroom_steps = 0  # admit greedily: decode must preempt in a small cache
-    shared = [rng.randrange(3, 400) for _ in range(20)]
-    prompts = [
-        (shared if rng.random() < 0.5 else [])
-        + [rng.randrange(3, 400) for _ in range(rng.randrange(2, 30))]
-        for _ in range(11)
-    ]
-    params = []
-    for _ in prompts:
-        stop = [rng.randrange(3, 400) for _ in range(150)]  # some of these get sampled
-        if rng.random() < 0.5:
-            params.append(
-                SamplingParams(temperature=0, max_tokens=rng.randrange(1, 40), stop_token_ids=stop)
-            )
-        else:
-            params.append(
-                SamplingParams(
-                    temperature=0.9, seed=rng.randrange(1000), max_tokens=rng.randrange(1, 40)
-                )
-            )
+    prompts, params = random_workload(rng)
     expected = outputs(sync, prompts, params)
     assert outputs(ahead, prompts, params) == expected
     assert ahead.steps_ahead > 0 and any(r == "stop" for _, r, _ in expected)
