@@ -111,8 +111,9 @@ class StepRecorder:
             finished, n = original_step()
             if n:
                 row = self._current
-                kind = "decode" if n < 0 else "mixed" if row.get("decode_rows") else "prefill"
-                row.update(kind=kind, n=abs(n) + row.get("decode_rows", 0) * (n > 0))
+                mixed_rows = row.get("decode_rows", 0) if n > 0 else 0  # a mixed step's decodes
+                kind = "decode" if n < 0 else "mixed" if mixed_rows else "prefill"
+                row.update(kind=kind, n=abs(n) + mixed_rows)
                 row["wall"] = time.perf_counter() - t
                 self.steps.append(row)
             return finished, n
