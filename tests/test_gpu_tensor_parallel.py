@@ -44,6 +44,8 @@ ENGINE = dict(
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420  # one engine of 8B shape: start-up, 8 steps and shut-down take about a minute
 EXIT_BOUND_S = 60  # a healthy exit() takes seconds; its forced worst case is about 80 s
+# The failure script: two 0.6B-shape engines, one failing; about a minute when healthy.
+FAILURE_TIMEOUT_S = 180
 FORCED = "shut-down forced"  # what nanovllm logs when a shut-down step had to be forced
 
 
@@ -54,9 +56,11 @@ def model_8b(tmp_path_factory) -> str:
     return make_random_qwen3(str(tmp_path_factory.mktemp("qwen3-8b")), "8b", write_weights=False)
 
 
-def run_script(tmp_path, name: str, source: str, *args: str) -> tuple[str, str]:
-    """Run ``source`` as a script; stdout and stderr. Past TIMEOUT_S the whole session (rank 0
-    and its workers) is killed and the test fails with the output so far."""
+def run_script(
+    tmp_path, name: str, source: str, *args: str, timeout_s: float = TIMEOUT_S
+) -> tuple[str, str]:
+    """Run ``source`` as a script; stdout and stderr. Past ``timeout_s`` the whole session (rank
+    0 and its workers) is killed and the test fails with the output so far."""
     script = tmp_path / f"{name}.py"
     script.write_text(source)
     # os.environ as is: the machine's NCCL settings (e.g. NCCL_NVLS_ENABLE=0) must stay set.
@@ -70,12 +74,12 @@ def run_script(tmp_path, name: str, source: str, *args: str) -> tuple[str, str]:
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(
-            f"{name} hung: killed after {TIMEOUT_S} s\n--- stdout\n{out[-4000:]}\n"
+            f"{name} hung: killed after {timeout_s} s\n--- stdout\n{out[-4000:]}\n"
             f"--- stderr\n{err[-8000:]}"
         )
     finally:
@@ -196,13 +200,14 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
 
 FAILURE_SCRIPT = textwrap.dedent(
     """
-    import functools, multiprocessing, sys, time
+    import faulthandler, functools, multiprocessing, sys, time
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine import tp_workers
     from nanovllm.engine.tp_workers import WorkerError
     from tests.engine.tp_faults import REAL_WORKER_MAIN, fail_at_step
 
     if __name__ == "__main__":
+        faulthandler.dump_traceback_later(FAILURE_TIMEOUT_S - 30)  # where a hang waits, if one
         path, async_scheduling = sys.argv[1], sys.argv[2] == "1"
         kw = dict(tensor_parallel_size=2, dtype="bfloat16", load_format="dummy",
                   max_num_seqs=8, max_model_len=512, num_kvcache_blocks=32,
@@ -231,13 +236,16 @@ FAILURE_SCRIPT = textwrap.dedent(
 )
 
 
-# async_scheduling=True (opt-in under tensor parallelism): a decode step is issued ahead, and
-# its inputs are broadcast from rank 0 with an eager collective, when the worker fails.
+# async_scheduling=True: a decode step is issued ahead, and its inputs are broadcast from rank 0
+# with an eager collective, when the worker fails; rank 0 sees the failure in its watched wait.
 @pytest.mark.parametrize("async_scheduling", ["0", "1"])
 def test_worker_failure_under_nccl_surfaces(tmp_path, async_scheduling):
     from nanovllm.utils.default_model import make_random_qwen3
 
     path = make_random_qwen3(str(tmp_path / "model"), "0.6b", write_weights=False)
-    out, err = run_script(tmp_path, "fail", FAILURE_SCRIPT, path, async_scheduling)
+    source = FAILURE_SCRIPT.replace("FAILURE_TIMEOUT_S", str(FAILURE_TIMEOUT_S))
+    out, err = run_script(
+        tmp_path, "fail", source, path, async_scheduling, timeout_s=FAILURE_TIMEOUT_S
+    )
     print(out.strip())
     assert "TP FAILURE HANDLED" in out, out[-4000:] + err[-8000:]

@@ -110,7 +110,7 @@ class ModelRunner:
         self.decode = make_decode_strategy(config, self._decode_setup())
         runtime.cuda_graphs = self.graph_runner is not None
         if self.workers is not None:
-            self.workers.end_step()  # an NCCL abort after a worker failure lets a build "finish"
+            self.workers.end_build()  # an NCCL abort after a worker failure lets a build "finish"
 
     def _agree_on_num_blocks(self, num_blocks: int) -> int:
         """Every rank's scheduler decisions are rank 0's, so every rank must hold at least the
@@ -197,7 +197,8 @@ class ModelRunner:
         """Issue ``batch``'s forward and sampling; the host does not wait for the tokens
         (``collect`` does). A batch scheduled ahead (``batch.prev_rows``) reads its input
         tokens from the step launched just before it, which must not be collected yet.
-        ``overlap=False``: the tokens will be read at once, so they skip the pinned copy."""
+        ``overlap=False``: the tokens will be read at once, so they skip the pinned copy (not
+        with tensor parallelism: rank 0 waits for a step's event, watching for worker failures)."""
         prev_rows = self._last_sampled.shape[0] if batch.prev_rows is not None else 0
         plan = plan_step(batch, self.block_size, prev_rows)
         try:
@@ -209,7 +210,7 @@ class ModelRunner:
                 return LaunchedStep(batch, plan, None, None, None)
             sampled = self._sample(batch, plan, logits)
             self._last_sampled = sampled
-            if not overlap:
+            if not overlap and self.workers is None:
                 return LaunchedStep(batch, plan, sampled, None, None)
             host, event = self._token_copies.start(sampled)
             return LaunchedStep(batch, plan, sampled, host, event)
@@ -221,10 +222,12 @@ class ModelRunner:
     def collect(self, step: LaunchedStep) -> list[int | None]:
         """``step``'s sampled token per scheduled sequence, once its copy to the host is done."""
         try:
+            if self.workers is not None:
+                self.workers.wait(step.event)
             tokens = step.tokens()
             self._in_flight -= 1
             if self.workers is not None and not self._in_flight:
-                self.workers.end_step()  # after the host sync: every launched step completed
+                self.workers.check()  # every launched step completed: a failure is raised now
             return tokens
         except BaseException as e:
             if self.workers is None:
@@ -243,6 +246,10 @@ class ModelRunner:
         sampled_t = self.sampler(logits, params, generator=self.generator).long()
         wanted = [(j, batch.seqs[r].params.logprobs) for j, r in enumerate(rows)]
         wanted = [(j, n) for j, n in wanted if n is not None]
+        if wanted and self.workers is not None and self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+            self.workers.wait(ready)  # top_logprobs reads the logits on the host
         for (j, _), entry in zip(wanted, top_logprobs(logits, sampled_t, wanted)):
             batch.seqs[rows[j]].logprobs.append(entry)  # the token's own entry
         return sampled_t

@@ -14,11 +14,16 @@ Who waits for whom:
   are the synchronisation, and the plan fixes prefill/decode and the rows for every rank.
 - A failure. A worker that raises sends its traceback and exits at once (a peer may be waiting for
   it inside a collective). A monitor thread in rank 0 waits on the pipes and the processes'
-  sentinels, records the first failure and, on NCCL, aborts the process group if rank 0 may be
-  inside a collective (building, or in a step), so that its pending collectives return instead
-  of hanging (gloo ones fail by themselves when the worker's sockets close); an idle rank 0
-  learns of it at its next step. Rank 0 raises a ``WorkerError`` with the worker's traceback and
-  shuts down.
+  sentinels and records the first failure. In a step rank 0 never blocks on the GPU unwatched:
+  it waits for a step's tokens (or logprobs) by polling the step's event and the failure
+  (``wait``), so it raises a ``WorkerError`` with the worker's traceback and shuts down itself,
+  from its own thread. The monitor aborts an NCCL process group only where rank 0 cannot watch:
+  during the build (warm-up, KV sizing and graph capture block on the device in many places), or
+  when rank 0 has not seen the failure within ``ABORT_GRACE_S`` (blocked elsewhere, say a full
+  launch queue behind a collective that never ends). An abort from the monitor while rank 0
+  issues collectives (eager NCCL calls, graph launches) can leave both threads waiting on each
+  other: the abort waits for rank 0 to drop its graphs, rank 0 waits for the aborted
+  communicator. gloo collectives fail by themselves when the worker's sockets close.
 - Shut-down (``LLM.exit()``, garbage collection, an error, Ctrl-C). A healthy group gets a
   ``None`` plan: every rank then destroys its CUDA graphs *before* it leaves the process group,
   because NCCL's finalize (``destroy_process_group``) and abort wait, with no time limit, until
@@ -68,6 +73,7 @@ EXIT_TIMEOUT_S = 30
 SIGNAL_TIMEOUT_S = 5  # how long rank 0 waits for a worker after SIGTERM, and again after SIGKILL
 MONITOR_TIMEOUT_S = 5  # the monitor thread may be inside an NCCL abort: it is a daemon
 FAILURE_GRACE_S = 3  # how long rank 0 waits for a worker's traceback after its own error
+ABORT_GRACE_S = 10  # a failure rank 0 has not seen by then: the monitor aborts (NCCL)
 
 
 class WorkerError(RuntimeError):
@@ -85,10 +91,10 @@ class WorkerGroup:
         self._failed = threading.Event()
         self._broken = False  # rank 0 stopped mid-step or mid-build: the ranks are out of step
         self._closed = False
-        # Rank 0 may be inside a collective (the build, or a step until end_step()): only then
-        # does a worker failure need an NCCL abort. Idle, the next send() raises instead, and an
-        # abort would only sit in the monitor thread until rank 0 drops its CUDA graphs.
-        self._busy = True
+        # While rank 0 builds, it blocks on the device in places that do not watch for failures:
+        # a worker failure then needs an NCCL abort at once. In steps rank 0 watches (wait()).
+        self._building = True
+        self._seen = threading.Event()  # rank 0 raised the failure (or is shutting down)
         # Set by rank 0's ModelRunner: drops its CUDA graphs, which hold the collectives captured
         # in them; called before rank 0 leaves the group (see the module's docstring).
         self.before_leave = None
@@ -192,13 +198,19 @@ class WorkerGroup:
     def _record(self, text: str) -> None:
         if self._failure is not None or self._closed:
             return  # the first failure is the cause; later ones are its echoes
-        self._failure = text  # before reading _busy; send() writes _busy before reading this
+        self._failure = text  # before reading _building; end_build() writes it, then checks
         self._failed.set()
-        if self.backend == "nccl" and self._busy and dist.is_initialized():
-            try:  # rank 0 may be blocked on a collective this worker will never join
-                dist.group.WORLD.abort()
-            except Exception:  # noqa: BLE001
-                logger.exception("aborting the NCCL process group failed")
+        if self.backend != "nccl":
+            return
+        if not self._building and self._seen.wait(ABORT_GRACE_S):
+            return  # rank 0 raised it from a watched wait and shuts the group down itself
+        if self._closed or not dist.is_initialized():
+            return
+        logger.warning("a tensor-parallel worker failed while rank 0 was not watching: abort")
+        try:  # rank 0 may be blocked on a collective this worker will never join
+            dist.group.WORLD.abort()
+        except Exception:  # noqa: BLE001
+            logger.exception("aborting the NCCL process group failed")
 
     def check(self) -> None:
         """Raise if the group is shut down or a worker failed."""
@@ -208,6 +220,7 @@ class WorkerGroup:
                 f"the tensor-parallel workers are shut down ({why}): create a new LLM"
             )
         if self._failure is not None:
+            self._seen.set()
             raise WorkerError(self._failure)
 
     def failure_for(self, exc: BaseException) -> BaseException:
@@ -215,6 +228,7 @@ class WorkerGroup:
         so shut the group down. Returns what to raise: the worker's failure if one caused it."""
         if self._closed:
             return exc
+        self._seen.set()  # the monitor leaves the shut-down to this thread
         if isinstance(exc, Exception) and not isinstance(exc, WorkerError):
             # A worker's error may arrive just after rank 0's collective broke on it.
             self._failed.wait(FAILURE_GRACE_S)
@@ -231,14 +245,24 @@ class WorkerGroup:
         return err
 
     # ------------------------------------------------------------------ steps
-    def end_step(self) -> None:
-        """Rank 0 is out of the step's (or the build's) collectives: raise if a worker failed."""
-        self._busy = False
+    def end_build(self) -> None:
+        """Rank 0 built its runner (collectives included): raise if a worker failed."""
+        self._building = False
         self.check()
 
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        """Block until ``event`` (recorded on rank 0's stream) completes, or raise as soon as a
+        worker failed: a peer that is gone leaves rank 0's collectives, hence the event, waiting
+        forever. Polls like a spinning ``event.synchronize()`` would; gloo (``None``) returns."""
+        if event is None:
+            return
+        while not event.query():
+            if self._failure is not None:
+                self.check()
+            time.sleep(0)  # lets the monitor thread run
+
     def send(self, plan: StepPlan) -> None:
-        """Give every worker this step (pickled once); rank 0 then runs it, and end_step()."""
-        self._busy = True  # before check(): a failure recorded meanwhile is seen or aborts
+        """Give every worker this step (pickled once); rank 0 then runs it."""
         self.check()
         data = ForkingPickler.dumps(plan)
         for conn in self.conns:
@@ -252,6 +276,7 @@ class WorkerGroup:
             return
         healthy = self._failure is None and not self._broken
         self._closed = True
+        self._seen.set()
         start = time.monotonic()
         if healthy:
             for conn in self.conns:

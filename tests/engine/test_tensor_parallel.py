@@ -371,12 +371,14 @@ def test_a_worker_exits_when_rank_0_is_killed(tiny_model, tmp_path):
                 pass
 
 
-@pytest.mark.parametrize("busy", [False, True])
-def test_nccl_abort_on_a_worker_failure_only_while_rank_0_may_be_in_a_collective(
-    tiny_model, reference, monkeypatch, busy
+@pytest.mark.parametrize("when", ["building", "rank 0 watches", "rank 0 does not watch"])
+def test_nccl_abort_on_a_worker_failure_only_where_rank_0_cannot_watch(
+    tiny_model, reference, monkeypatch, when
 ):
-    # On NCCL the abort waits until rank 0's CUDA graphs are gone: idle, rank 0 learns of the
-    # failure at its next step instead (torch would kill a process whose abort sits for 8 min).
+    # On NCCL the abort waits until rank 0's CUDA graphs are gone, and one issued while rank 0
+    # launches collectives can leave both threads waiting: in steps rank 0 raises the failure
+    # from its watched wait and shuts down itself; the monitor aborts during the build, or when
+    # rank 0 has not seen the failure within the grace period.
     prompts, expected = reference
     llm = llm_of(tiny_model)
     assert tokens(llm, prompts[:2]) == expected[:2]
@@ -389,17 +391,29 @@ def test_nccl_abort_on_a_worker_failure_only_while_rank_0_may_be_in_a_collective
             aborts.append(True)
 
     monkeypatch.setattr(dist, "group", type("group", (), {"WORLD": World}))
+    monkeypatch.setattr(tp_workers, "ABORT_GRACE_S", 0.5 if when != "rank 0 watches" else 30)
     workers.backend = "nccl"  # only the monitor thread reads it before we restore it
-    workers._busy = busy  # as inside a step (between send() and end_step())
+    workers._building = when == "building"
     (worker,) = multiprocessing.active_children()
     os.kill(worker.pid, signal.SIGKILL)
     assert workers._failed.wait(10)
-    deadline = time.monotonic() + 2  # _record() sets _failed just before it aborts
+    if when == "rank 0 watches":
+        with pytest.raises(WorkerError, match="worker rank 1 exited"):
+            workers.wait(_NeverDone())
+    deadline = time.monotonic() + 3  # _record() sets _failed before it aborts
     while not aborts and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert aborts == ([True] if busy else [])
+    assert aborts == ([] if when == "rank 0 watches" else [True])
     workers.backend = "gloo"
     monkeypatch.undo()
     with pytest.raises(WorkerError, match="worker rank 1 exited"):
         llm.generate(prompts, greedy(), use_tqdm=False)
     assert_nothing_left(llm)
+
+
+class _NeverDone:
+    """A CUDA event of a step stuck behind a collective whose peer is gone."""
+
+    @staticmethod
+    def query() -> bool:
+        return False
