@@ -80,8 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--async-scheduling",
         type=int,
         choices=(0, 1),
-        help="LLM(async_scheduling=bool(...)); default: the engine's (on with one GPU, off "
-        "with tensor parallelism)",
+        help="LLM(async_scheduling=bool(...)); default: the engine's (on)",
     )
     p.add_argument(
         "--enable-mixed-steps",

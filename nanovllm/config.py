@@ -52,9 +52,9 @@ class Config:
     prefill_admission_batch: int | None = None
     # Schedule and issue decode step n+1 before reading step n's tokens (engine/llm_engine.py),
     # so the host's work between decode steps overlaps the GPU's. False: every step synchronous.
-    # None: on with one rank; off with tensor parallelism, where the shut-down after a worker
-    # fails with a step issued ahead has not been proven on NCCL (True turns it on there).
-    async_scheduling: bool | None = None
+    # With tensor parallelism rank 0 then waits for a step's tokens watching for worker failures
+    # (engine/tp_workers.py), so a failed worker surfaces as it does synchronously.
+    async_scheduling: bool = True
     # A step carries the running decodes first, then prefill chunks up to max_num_batched_tokens
     # (engine/mixed_scheduler.py); False: prefill runs in steps of its own, decodes waiting.
     enable_mixed_steps: bool = False
@@ -98,8 +98,6 @@ class Config:
         positive_int("tensor_parallel_size")
         if self.max_num_seqs is None:
             self.max_num_seqs = default_max_num_seqs(self.tensor_parallel_size, self.kv_cache_dtype)
-        if self.async_scheduling is None:
-            self.async_scheduling = self.tensor_parallel_size == 1
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive_int(name)
         if self.prefill_admission_batch is not None:
@@ -263,11 +261,6 @@ def log_automatic_choices(config: Config, given: dict) -> None:
             MAX_NUM_SEQS_PER_GPU,
             config.tensor_parallel_size,
             config.kv_cache_dtype,
-        )
-    if given.get("async_scheduling") is None:
-        logger.info(
-            "async_scheduling=%s (on with one rank, off with tensor parallelism unless asked for)",
-            config.async_scheduling,
         )
     if config.prefill_admission_batch is None:
         n = config.resolved_prefill_admission_batch()

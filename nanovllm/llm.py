@@ -35,11 +35,10 @@ class LLM(LLMEngine):
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.
     - ``tensor_parallel_size=1``: ranks (GPUs, or CPU processes) per engine.
     - ``enforce_eager=False``: True disables CUDA graphs.
-    - ``async_scheduling=None``: schedule and issue each decode step before the previous
+    - ``async_scheduling=True``: schedule and issue each decode step before the previous
       step's tokens reach the host, so host work overlaps the GPU (greedy and seeded outputs
       unchanged; unseeded sampling draws differently, as discarded rows advance the
-      generator). None: on with one rank, off with ``tensor_parallel_size > 1`` (True there
-      opts in: faster, but its shut-down after a worker failure is not proven on NCCL).
+      generator). False: every step synchronous.
     - ``enable_mixed_steps=False``: True makes a step carry the running decodes first, then
       prefill chunks up to ``max_num_batched_tokens``, so no decode waits behind a prefill
       step (mixed steps run eagerly; their attention in two launches).

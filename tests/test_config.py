@@ -40,10 +40,9 @@ def test_the_batch_cap_scales_with_the_ranks_and_the_cache_unless_given(tiny_mod
     assert fp8_tp2.max_num_seqs == 2048
 
 
-def test_async_scheduling_is_on_with_one_rank_unless_given(tiny_model):
+def test_async_scheduling_is_on_unless_turned_off(tiny_model):
     assert Config(tiny_model).async_scheduling is True
-    assert Config(tiny_model, tensor_parallel_size=2).async_scheduling is False
-    assert Config(tiny_model, tensor_parallel_size=2, async_scheduling=True).async_scheduling
+    assert Config(tiny_model, tensor_parallel_size=2).async_scheduling is True
     assert Config(tiny_model, async_scheduling=False).async_scheduling is False
 
 
@@ -224,7 +223,7 @@ def test_automatic_choices_are_logged_and_given_ones_are_not(tiny_model, caplog)
     with caplog.at_level("INFO", logger="nanovllm"):
         log_automatic_choices(Config(tiny_model), given={})
         text = caplog.text
-        assert "max_num_seqs=512" in text and "async_scheduling=True" in text
+        assert "max_num_seqs=512" in text
         assert "prefill_admission_batch=64" in text
         caplog.clear()
         given = dict(max_num_seqs=8, async_scheduling=False, prefill_admission_batch=2)
