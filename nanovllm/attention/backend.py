@@ -75,14 +75,16 @@ class AttentionBackend:
         d = plan.num_decode_rows  # a mixed step: its decode rows' tables come first
         decode = None
         if d:
-            tables = to_device(tables, i32, device)
+            # Two tensors, not two views of one: the prefill rows' view would start 4 * d * width
+            # bytes in, and Triton specialises kernels on 16-byte pointer alignment (a second
+            # compile of the prefill kernel in the middle of a run).
             decode = AttentionMetadata(
                 is_prefill=False,
                 slot_mapping=slots[:d],
                 context_lens=to_device(plan.context_lens, i32, device),
-                block_tables=tables[:d],
+                block_tables=to_device(tables[:d], i32, device),
             )
-            tables = tables[d:] if tables.shape[0] > d else None
+            tables = to_device(tables[d:], i32, device) if len(tables) > d else None
         elif tables is not None:
             tables = to_device(tables, i32, device)
         return AttentionMetadata(

@@ -131,3 +131,17 @@ def test_plan_of_a_mixed_step():
     # one table per decode row, then one per prefill row (a chunk continues a prefix)
     assert len(plan.block_tables) == 4 and len({len(r) for r in plan.block_tables}) == 1
     assert plan.block_tables[3][:3] == batch.seqs[3].block_table
+
+
+def test_mixed_step_metadata_gives_each_part_its_own_block_tables():
+    # The prefill rows' tables must not be a view into the decode rows' (4 * d * width bytes in):
+    # Triton specialises on 16-byte pointer alignment and would compile the prefill kernel again
+    # in the middle of a run.
+    bs = 16
+    batch = mixed_batch(bs, [5], [(40, 16, 10)])  # one decode row: an odd offset
+    meta = TORCH.build_metadata(plan_step(batch, bs), torch.device("cpu"))
+    decode_tables, prefill_tables = meta.decode.block_tables, meta.block_tables
+    assert prefill_tables._base is None and decode_tables._base is None
+    assert prefill_tables.data_ptr() % 16 == 0
+    assert prefill_tables.tolist()[0][:3] == batch.seqs[1].block_table
+    assert decode_tables.tolist()[0][:1] == batch.seqs[0].block_table
