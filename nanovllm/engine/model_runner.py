@@ -227,7 +227,7 @@ class ModelRunner:
             tokens = step.tokens()
             self._in_flight -= 1
             if self.workers is not None and not self._in_flight:
-                self.workers.check()  # every launched step completed: a failure is raised now
+                self.workers.end_step()  # every launched step completed
             return tokens
         except BaseException as e:
             if self.workers is None:

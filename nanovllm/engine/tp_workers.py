@@ -19,11 +19,13 @@ Who waits for whom:
   (``wait``), so it raises a ``WorkerError`` with the worker's traceback and shuts down itself,
   from its own thread. The monitor aborts an NCCL process group only where rank 0 cannot watch:
   during the build (warm-up, KV sizing and graph capture block on the device in many places), or
-  when rank 0 has not seen the failure within ``ABORT_GRACE_S`` (blocked elsewhere, say a full
-  launch queue behind a collective that never ends). An abort from the monitor while rank 0
-  issues collectives (eager NCCL calls, graph launches) can leave both threads waiting on each
-  other: the abort waits for rank 0 to drop its graphs, rank 0 waits for the aborted
-  communicator. gloo collectives fail by themselves when the worker's sockets close.
+  in a step whose failure rank 0 has not seen within ``ABORT_GRACE_S`` (blocked elsewhere, say a
+  full launch queue behind a collective that never ends). An idle rank 0 learns of the failure
+  at its next step; an abort then would only sit in the monitor thread until rank 0 drops its
+  CUDA graphs (torch kills a process whose abort sits for minutes). An abort from the monitor
+  while rank 0 issues collectives (eager NCCL calls, graph launches) can leave both threads
+  waiting on each other: the abort waits for rank 0 to drop its graphs, rank 0 waits for the
+  aborted communicator. gloo collectives fail by themselves when the worker's sockets close.
 - Shut-down (``LLM.exit()``, garbage collection, an error, Ctrl-C). A healthy group gets a
   ``None`` plan: every rank then destroys its CUDA graphs *before* it leaves the process group,
   because NCCL's finalize (``destroy_process_group``) and abort wait, with no time limit, until
@@ -94,6 +96,7 @@ class WorkerGroup:
         # While rank 0 builds, it blocks on the device in places that do not watch for failures:
         # a worker failure then needs an NCCL abort at once. In steps rank 0 watches (wait()).
         self._building = True
+        self._in_step = False  # from send() until rank 0 collected every step it launched
         self._seen = threading.Event()  # rank 0 raised the failure (or is shutting down)
         # Set by rank 0's ModelRunner: drops its CUDA graphs, which hold the collectives captured
         # in them; called before rank 0 leaves the group (see the module's docstring).
@@ -198,13 +201,13 @@ class WorkerGroup:
     def _record(self, text: str) -> None:
         if self._failure is not None or self._closed:
             return  # the first failure is the cause; later ones are its echoes
-        self._failure = text  # before reading _building; end_build() writes it, then checks
+        self._failure = text  # before reading the flags: their writers check it after writing
         self._failed.set()
-        if self.backend != "nccl":
-            return
+        if self.backend != "nccl" or not (self._building or self._in_step):
+            return  # gloo fails by itself; an idle rank 0 raises it at its next send()
         if not self._building and self._seen.wait(ABORT_GRACE_S):
             return  # rank 0 raised it from a watched wait and shuts the group down itself
-        if self._closed or not dist.is_initialized():
+        if self._closed or not (self._building or self._in_step) or not dist.is_initialized():
             return
         logger.warning("a tensor-parallel worker failed while rank 0 was not watching: abort")
         try:  # rank 0 may be blocked on a collective this worker will never join
@@ -250,6 +253,11 @@ class WorkerGroup:
         self._building = False
         self.check()
 
+    def end_step(self) -> None:
+        """Rank 0 collected every step it launched: raise if a worker failed meanwhile."""
+        self._in_step = False
+        self.check()
+
     def wait(self, event: torch.cuda.Event | None) -> None:
         """Block until ``event`` (recorded on rank 0's stream) completes, or raise as soon as a
         worker failed: a peer that is gone leaves rank 0's collectives, hence the event, waiting
@@ -262,7 +270,8 @@ class WorkerGroup:
             time.sleep(0)  # lets the monitor thread run
 
     def send(self, plan: StepPlan) -> None:
-        """Give every worker this step (pickled once); rank 0 then runs it."""
+        """Give every worker this step (pickled once); rank 0 then runs it, and end_step()."""
+        self._in_step = True  # before check(): a failure recorded meanwhile is seen here or later
         self.check()
         data = ForkingPickler.dumps(plan)
         for conn in self.conns:
