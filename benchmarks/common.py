@@ -196,13 +196,12 @@ def fill_kv_random(runner, seed: int = 0) -> None:
         layer.copy_(torch.randn(layer.shape, generator=gen, device=cache.device).to(cache.dtype))
 
 
-def synthetic_decode_inputs(
-    batch: int, ctx: int, num_blocks: int, vocab: int, device, seed: int = 0, block_size=BLOCK_SIZE
+def synthetic_decode_plan(
+    batch: int, ctx: int, num_blocks: int, vocab: int, seed: int = 0, block_size=BLOCK_SIZE
 ):
-    """Decode ``ModelInputs`` for ``batch`` sequences of ``ctx`` tokens (the new one included),
-    each on its own shuffled KV blocks."""
-    from nanovllm.attention.metadata import AttentionMetadata
-    from nanovllm.engine.model_inputs import ModelInputs
+    """A decode ``StepPlan`` (plain lists, as rank 0 sends it) for ``batch`` sequences of ``ctx``
+    tokens (the new one included), each on its own shuffled KV blocks."""
+    from nanovllm.engine.model_inputs import StepPlan
 
     per_seq = math.ceil(ctx / block_size)
     if batch * per_seq > num_blocks:
@@ -211,23 +210,25 @@ def synthetic_decode_inputs(
     tables = torch.randperm(num_blocks, generator=gen)[: batch * per_seq].view(batch, per_seq)
     pos = ctx - 1
     slots = tables[:, pos // block_size] * block_size + pos % block_size
-
-    def dev(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(dtype).to(device)
-
-    meta = AttentionMetadata(
+    return StepPlan(
         is_prefill=False,
-        slot_mapping=dev(slots, torch.int32),
-        context_lens=dev(torch.full((batch,), ctx), torch.int32),
-        block_tables=dev(tables, torch.int32),
-    )
-    return ModelInputs(
-        input_ids=dev(torch.randint(0, vocab, (batch,), generator=gen), torch.int64),
-        positions=dev(torch.full((batch,), pos), torch.int64),
-        meta=meta,
-        logits_indices=dev(torch.arange(batch), torch.int64),
+        input_ids=torch.randint(0, vocab, (batch,), generator=gen).tolist(),
+        positions=[pos] * batch,
+        slot_mapping=slots.tolist(),
         sampling_rows=list(range(batch)),
+        context_lens=[ctx] * batch,
+        block_tables=tables.tolist(),
     )
+
+
+def synthetic_decode_inputs(
+    batch: int, ctx: int, num_blocks: int, vocab: int, device, seed: int = 0, block_size=BLOCK_SIZE
+):
+    """``synthetic_decode_plan``'s ``ModelInputs`` on ``device``."""
+    from nanovllm.engine.model_inputs import to_model_inputs
+
+    plan = synthetic_decode_plan(batch, ctx, num_blocks, vocab, seed, block_size)
+    return to_model_inputs(plan, device)
 
 
 def decode_step_fn(runner, inputs, pipelined: bool = False) -> Callable[[], object]:

@@ -25,7 +25,6 @@ import argparse
 import logging
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     model_path,
     release_engine,
     resolve_device,
+    synthetic_decode_plan,
     write_json,
 )
 from nanovllm.engine import tp_workers  # noqa: E402
@@ -90,28 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.enforce_eager:
         p.error("--enforce-eager: the all-reduces are dropped from the captured graphs only")
     return args
-
-
-def decode_plan(batch: int, ctx: int, num_blocks: int, vocab: int, seed: int = 0) -> StepPlan:
-    """A decode step of ``batch`` sequences of ``ctx`` tokens (the new one included), each on
-    its own shuffled KV blocks."""
-    per_seq = math.ceil(ctx / BLOCK_SIZE)
-    if batch * per_seq > num_blocks:
-        raise ValueError(f"batch {batch} x ctx {ctx} needs {batch * per_seq} > {num_blocks} blocks")
-    rng = random.Random(seed)
-    blocks = list(range(num_blocks))
-    rng.shuffle(blocks)
-    tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
-    pos = ctx - 1
-    return StepPlan(
-        is_prefill=False,
-        input_ids=[rng.randrange(vocab) for _ in range(batch)],
-        positions=[pos] * batch,
-        slot_mapping=[t[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE for t in tables],
-        sampling_rows=list(range(batch)),
-        context_lens=[ctx] * batch,
-        block_tables=tables,
-    )
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +154,7 @@ def bench_engine(args, path: str, device, vocab: int, tp: int, no_comm: bool) ->
         )
         try:
             for b, c in points:
-                plan = decode_plan(b, c, blocks, vocab)
+                plan = synthetic_decode_plan(b, c, blocks, vocab)
                 out[(b, c)] = time_steps(llm.model_runner, plan, args.reps, args.trials, device)
                 what = "no-comm" if no_comm else "step"
                 print(f"tp {tp} batch {b} ctx {c}: {what} {out[(b, c)]:.3f} ms", flush=True)
