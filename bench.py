@@ -39,6 +39,7 @@ from benchmarks.common import (
     write_json,
 )
 from nanovllm import SamplingParams
+from nanovllm.config import TP_ALL_REDUCES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ffn-sms", type=int, help="pipeline_ffn_sm_count")
     p.add_argument("--microbatches", type=int, default=2, help="pipeline_num_microbatches")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (one rank each)")
+    p.add_argument(
+        "--tensor-parallel-all-reduce",
+        choices=TP_ALL_REDUCES,
+        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (nccl)",
+    )
     p.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
     )
@@ -144,7 +150,7 @@ def engine_options(args, pipelined: bool) -> dict:
         prefill_admission_batch=args.prefill_admission_batch,
         enable_pipeline=pipelined,
     )
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_all_reduce"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     for flag in ("async_scheduling", "enable_mixed_steps"):
@@ -188,6 +194,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["async_scheduling"] = llm.config.async_scheduling
     result["enable_mixed_steps"] = llm.config.enable_mixed_steps
     result["tensor_parallel_size"] = llm.config.tensor_parallel_size
+    result["tensor_parallel_all_reduce"] = llm.config.tensor_parallel_all_reduce
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

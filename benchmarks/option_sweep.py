@@ -4,7 +4,8 @@ in one process, on the same requests. How does throughput scale from one GPU to 
 (``prefill_admission_batch``)? Does a larger batch cap pay where the KV cache holds more
 (``max_num_seqs``)? Does issuing the next decode step before reading the tokens
 (``async_scheduling``, values 0 and 1) pay? Do mixed prefill/decode steps
-(``enable_mixed_steps``, 0 and 1) pay?
+(``enable_mixed_steps``, 0 and 1) pay? Does the symmetric-memory all-reduce pay
+(``tensor_parallel_all_reduce``, values nccl and symm_mem, with ``--tensor-parallel-size 2``)?
 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
@@ -18,6 +19,8 @@ sweep of its own, all in one result file. Every other option is ``bench.py``'s.
         --option max_num_seqs --values 512 1024 --json OUT
     python benchmarks/option_sweep.py --shape 8b --option async_scheduling --values 0 1 --rounds 2
     python benchmarks/option_sweep.py --shape 8b --option enable_mixed_steps --values 0 1 --rounds 2
+    python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
+        --option tensor_parallel_all_reduce --values nccl symm_mem --json OUT
     python benchmarks/option_sweep.py --quick --device cpu --values 1 4
 """
 
@@ -40,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     resolve_device,
     write_json,
 )
+from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
 
 # The swept LLM options (bench.py's arguments of the same names); a flag's values are 0 and 1.
 OPTIONS = (
@@ -49,15 +53,17 @@ OPTIONS = (
     "max_num_batched_tokens",
     "async_scheduling",
     "enable_mixed_steps",
+    "tensor_parallel_all_reduce",
 )
 FLAGS = ("async_scheduling", "enable_mixed_steps")
+CHOICES = {"tensor_parallel_all_reduce": TP_ALL_REDUCES}  # options whose values are names
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list[int], list]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, list, list]:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--option", choices=OPTIONS, default="prefill_admission_batch")
     p.add_argument("--num-seqs", type=int, nargs="+", help="request counts (default: bench.py's)")
-    p.add_argument("--values", type=int, nargs="+", default=[1, 64], help="the option's values")
+    p.add_argument("--values", nargs="+", default=["1", "64"], help="the option's values")
     p.add_argument("--rounds", type=int, default=1, help="rounds; the order reverses each round")
     ours, rest = p.parse_known_args(argv)
     swept = "--" + ours.option.replace("_", "-")
@@ -66,9 +72,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
             p.error(f"{bad}: option_sweep.py sets {ours.option} from --values")
     if ours.rounds < 1:
         p.error(f"--rounds {ours.rounds}: run at least 1 round")
+    if ours.option in CHOICES:
+        if any(v not in CHOICES[ours.option] for v in ours.values):
+            p.error(f"--values {ours.values}: {ours.option} takes {CHOICES[ours.option]}")
+    elif not all(v.lstrip("-").isdigit() for v in ours.values):
+        p.error(f"--values {ours.values}: {ours.option} takes integers")
+    else:
+        ours.values = [int(v) for v in ours.values]
     if ours.option in FLAGS and any(v not in (0, 1) for v in ours.values):
         p.error(f"--values {ours.values}: {ours.option} is a flag: use 0 and 1")
-    if ours.option not in FLAGS and any(v < 1 for v in ours.values):
+    if ours.option not in (*FLAGS, *CHOICES) and any(v < 1 for v in ours.values):
         p.error(f"--values {ours.values}: each value must be >= 1")
     if ours.num_seqs and any(n < 1 for n in ours.num_seqs):
         p.error(f"--num-seqs {ours.num_seqs}: each count must be >= 1")
@@ -77,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
     return args, ours.option, ours.values, ours.num_seqs or [args.num_seqs]
 
 
-def sweep(args, option: str, values: list[int], path: str, device, vocab: int) -> dict:
+def sweep(args, option: str, values: list, path: str, device, vocab: int) -> dict:
     """Every value of ``option`` (rounds included) on ``args.num_seqs`` requests."""
     prompts, params = bench.workload(args, vocab)
     print(f"{args.model or args.shape}; {len(prompts)} requests")

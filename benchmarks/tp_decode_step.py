@@ -13,9 +13,11 @@ layers' and the vocab-parallel embedding's) replaced by the identity before its 
 captured: wrong values, the same kernels otherwise. ``step / no-comm`` is then the most that
 hiding the all-reduces behind compute (one micro-batch's all-reduces under another's compute, as
 a pipeline on every rank would) could gain, before the compute loses SMs to the communication
-kernels; ``tp1 / step`` is the scaling of the step itself.
+kernels; ``tp1 / step`` is the scaling of the step itself. ``--all-reduce`` names the
+``tensor_parallel_all_reduce`` values to build a size-above-1 engine with (each its own engine).
 
     python benchmarks/tp_decode_step.py --shape 8b --sizes 1 2 --json OUT.json
+    python benchmarks/tp_decode_step.py --shape 8b --all-reduce nccl symm_mem --json OUT.json
     python benchmarks/tp_decode_step.py --quick --device cpu     # control flow, over gloo
 """
 
@@ -46,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     synthetic_decode_plan,
     write_json,
 )
+from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
 from nanovllm.engine import tp_workers  # noqa: E402
 from nanovllm.engine.model_inputs import StepPlan  # noqa: E402
 
@@ -54,11 +57,12 @@ REAL_WORKER_MAIN = tp_workers._worker_main
 
 COLUMNS = [
     ("tp", "tp", "d"),
+    ("all_reduce", "all-reduce", "s"),
     ("batch", "batch", "d"),
     ("ctx", "ctx", "d"),
     ("ms", "step ms", ".3f"),
     ("no_comm_ms", "no-comm ms", ".3f"),
-    ("comm_ms", "all-reduce ms", ".3f"),
+    ("comm_ms", "comm ms", ".3f"),
     ("overlap_ceiling", "step/no-comm", ".3f"),
     ("scaling", "tp1/step", ".3f"),
 ]
@@ -74,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 1024")
     p.add_argument("--reps", type=int, help="steps issued back to back per trial (default 20)")
     p.add_argument("--trials", type=int, default=3, help="timed runs per point, median")
+    p.add_argument(
+        "--all-reduce",
+        nargs="+",
+        choices=TP_ALL_REDUCES,
+        default=["nccl"],
+        help="tensor_parallel_all_reduce of the size-above-1 engines, one engine each",
+    )
     add_common_args(p)
     args = p.parse_args(argv)
     q = args.quick
@@ -131,7 +142,9 @@ def time_steps(runner, plan: StepPlan, reps: int, trials: int, device) -> float:
     return statistics.median(run(reps) for _ in range(trials))
 
 
-def bench_engine(args, path: str, device, vocab: int, tp: int, no_comm: bool) -> dict[tuple, float]:
+def bench_engine(
+    args, path: str, device, vocab: int, tp: int, no_comm: bool, all_reduce: str = "nccl"
+) -> dict[tuple, float]:
     """Step ms per (batch, ctx) for one engine."""
     points = [(b, c) for c in args.ctxs for b in args.batches]
     blocks = max(b * math.ceil(c / BLOCK_SIZE) for b, c in points)
@@ -146,6 +159,7 @@ def bench_engine(args, path: str, device, vocab: int, tp: int, no_comm: bool) ->
             device,
             True,
             tensor_parallel_size=tp,
+            tensor_parallel_all_reduce=all_reduce,
             max_num_seqs=max(args.batches),
             max_model_len=max(args.ctxs),
             kvcache_block_size=BLOCK_SIZE,
@@ -156,7 +170,7 @@ def bench_engine(args, path: str, device, vocab: int, tp: int, no_comm: bool) ->
             for b, c in points:
                 plan = synthetic_decode_plan(b, c, blocks, vocab)
                 out[(b, c)] = time_steps(llm.model_runner, plan, args.reps, args.trials, device)
-                what = "no-comm" if no_comm else "step"
+                what = "no-comm" if no_comm else f"step ({all_reduce})"
                 print(f"tp {tp} batch {b} ctx {c}: {what} {out[(b, c)]:.3f} ms", flush=True)
         finally:
             release_engine(llm)
@@ -179,17 +193,22 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
-    steps = {tp: bench_engine(args, path, device, vocab, tp, False) for tp in args.sizes}
+    # (tp, all-reduce) -> step ms per point; size 1 has no all-reduce.
+    engines = [(tp, ar) for tp in args.sizes for ar in (args.all_reduce if tp > 1 else [None])]
+    steps = {
+        (tp, ar): bench_engine(args, path, device, vocab, tp, False, ar or "nccl")
+        for tp, ar in engines
+    }
     no_comm = {tp: bench_engine(args, path, device, vocab, tp, True) for tp in args.sizes if tp > 1}
     rows = []
-    for tp in args.sizes:
-        for (b, c), ms in steps[tp].items():
-            row = dict(tp=tp, batch=b, ctx=c, ms=ms)
+    for tp, ar in engines:
+        for (b, c), ms in steps[(tp, ar)].items():
+            row = dict(tp=tp, all_reduce=ar, batch=b, ctx=c, ms=ms)
             if tp in no_comm:
                 free = no_comm[tp][(b, c)]
                 row.update(no_comm_ms=free, comm_ms=ms - free, overlap_ceiling=ms / free)
-            if 1 in steps:
-                row["scaling"] = steps[1][(b, c)] / ms
+            if (1, None) in steps:
+                row["scaling"] = steps[(1, None)][(b, c)] / ms
             rows.append(row)
     print()
     print(format_table(rows, COLUMNS))

@@ -22,6 +22,7 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 # work, collectives) are then shared by more rows. An fp8 cache holds twice the tokens of a
 # 16-bit one, so it doubles the cap too.
 MAX_NUM_SEQS_PER_GPU = 512
+TP_ALL_REDUCES = ("nccl", "symm_mem")
 
 
 def default_max_num_seqs(tensor_parallel_size: int, kv_cache_dtype: str) -> int:
@@ -61,6 +62,10 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # How ranks sum the row-parallel layers' outputs: "nccl", or "symm_mem" (one- or two-shot
+    # kernels over NVLink through torch's symmetric memory for messages up to a decode step's,
+    # NCCL above; utils/symm_all_reduce.py says why it is not the default). Ignored at size 1.
+    tensor_parallel_all_reduce: str = "nccl"
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None
@@ -135,6 +140,12 @@ class Config:
                 f"Config.kv_cache_dtype={self.kv_cache_dtype!r} is invalid with "
                 "attention_backend='flash_attn': the flash-attn backend reads bf16/fp16 caches "
                 "only; use attention_backend='triton' (GPU) or 'torch', or kv_cache_dtype='auto'"
+            )
+        if self.tensor_parallel_all_reduce not in TP_ALL_REDUCES:
+            bad(
+                "tensor_parallel_all_reduce",
+                f"use one of {TP_ALL_REDUCES}: 'symm_mem' sums decode-sized messages over "
+                "NVLink through torch's symmetric memory, 'nccl' sums all of them with NCCL",
             )
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", 'use "auto" (safetensors) or "dummy" (random weights)')
@@ -249,6 +260,12 @@ def check_tensor_parallel(config: Config, hf_config, device: torch.device) -> No
             "initialised in this process (another tensor-parallel LLM is alive?): call its "
             "exit() or delete it first; one tensor-parallel engine per process"
         )
+    if config.tensor_parallel_all_reduce == "symm_mem":
+        from nanovllm.utils.symm_all_reduce import refusal, unavailable_reason
+
+        reason = unavailable_reason(device, n)
+        if reason:
+            raise ValueError(refusal(reason))
 
 
 def log_automatic_choices(config: Config, given: dict) -> None:

@@ -99,6 +99,8 @@ INVALID = [
     ("dtype", torch.float16),
     ("attention_backend", "xformers"),
     ("load_format", "pt"),
+    ("tensor_parallel_all_reduce", "custom"),
+    ("tensor_parallel_all_reduce", None),
     ("kv_cache_dtype", "fp16"),
     ("kv_cache_dtype", "int8"),
     ("kv_cache_dtype", "fp8_e5m2"),

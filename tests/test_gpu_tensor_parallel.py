@@ -143,6 +143,28 @@ def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
         tmp_path, model_8b, 2, prompts, enable_pipeline=True
     )
     assert stats["mode"] == "sequential" and "tensor_parallel_size=2" in stats["reason"]
+    assert_same_greedy_run(prompts, one, logits_1, two, logits_2)
+
+
+def test_tp2_symm_mem_all_reduce_equals_nccl(model_8b, tmp_path):
+    """The symmetric-memory all-reduce (decode steps; prefill's larger messages stay on NCCL)
+    against NCCL's, both at TP=2 with CUDA graphs."""
+    prompts = mixed_prompts(8, seed=4, vocab=10000, lo=20, hi=200)
+    for name in ("nccl", "symm"):
+        (tmp_path / name).mkdir()
+    nccl, logits_n, _ = run_recording_logits(tmp_path / "nccl", model_8b, 2, prompts)
+    symm, logits_s, _ = run_recording_logits(
+        tmp_path / "symm", model_8b, 2, prompts, tensor_parallel_all_reduce="symm_mem"
+    )
+    worst = max((a - b).abs().max().item() for a, b in zip(logits_n[1:], logits_s[1:]))
+    print(f"largest |logit difference| over the decode steps: {worst:.5f}")
+    assert_same_greedy_run(prompts, nccl, logits_n, symm, logits_s)
+
+
+def assert_same_greedy_run(prompts, one, logits_1, two, logits_2) -> None:
+    """Two greedy runs of one model: the logits rank 0 sampled from agree within bf16 rounding
+    of a tensor-parallel sum at every step, and every sequence that never met a near-tie gives
+    the same tokens."""
     # One prefill step (every prompt fits max_num_batched_tokens), then STEPS - 1 decode steps.
     assert len(logits_1) == len(logits_2) == STEPS
     # Rows follow the prompts in every step (ignore_eos: no sequence leaves early).
@@ -209,9 +231,10 @@ FAILURE_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         faulthandler.dump_traceback_later(FAILURE_TIMEOUT_S - 30)  # where a hang waits, if one
         path, async_scheduling = sys.argv[1], sys.argv[2] == "1"
+        all_reduce = sys.argv[3] if len(sys.argv) > 3 else "nccl"
         kw = dict(tensor_parallel_size=2, dtype="bfloat16", load_format="dummy",
                   max_num_seqs=8, max_model_len=512, num_kvcache_blocks=32,
-                  async_scheduling=async_scheduling)
+                  async_scheduling=async_scheduling, tensor_parallel_all_reduce=all_reduce)
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         tp_workers._worker_main = functools.partial(fail_at_step, 1, 3)  # rank 1, third step
         llm = LLM(path, **kw)

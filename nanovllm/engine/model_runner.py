@@ -32,8 +32,13 @@ from nanovllm.models import model_class
 from nanovllm.pipeline.setup import DecodeSetup
 from nanovllm.pipeline.strategy import make_decode_strategy
 from nanovllm.utils.compile import enable_fusion
-from nanovllm.utils.distributed import synchronize_within, tensor_parallel
+from nanovllm.utils.distributed import (
+    synchronize_within,
+    tensor_parallel,
+    use_symmetric_all_reduce,
+)
 from nanovllm.utils.loader import init_dummy_weights, load_model
+from nanovllm.utils.symm_all_reduce import build_symmetric_all_reduce
 from nanovllm.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
@@ -72,6 +77,10 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         with _default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
             self.model = model_class(hf)(hf)
+        if self.world_size > 1 and config.tensor_parallel_all_reduce == "symm_mem":
+            # The largest decode step's message: [max_num_seqs, hidden_size].
+            max_bytes = config.max_num_seqs * hf.hidden_size * self.dtype.itemsize
+            use_symmetric_all_reduce(build_symmetric_all_reduce(self.device, self.dtype, max_bytes))
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:

@@ -24,6 +24,9 @@ SYNC_TIMEOUT_S = 10.0  # an idle GPU synchronises at once; one that does not wai
 LEAVE_TIMEOUT_S = 15.0  # destroying or aborting the process group (NCCL: about a second)
 
 _rank, _size = 0, 1
+# The process's symmetric-memory all-reduce (utils/symm_all_reduce.py), tied to its process
+# group as torch.distributed's own state is; None: every all-reduce goes to NCCL (or gloo).
+_symmetric = None
 
 
 def tp_world_size() -> int:
@@ -47,9 +50,20 @@ def tensor_parallel(rank: int, world_size: int) -> Iterator[None]:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the tensor-parallel group, in place (callers check their own world size)."""
+    """Sum ``x`` over the tensor-parallel group (callers check their own world size). Use the
+    returned tensor: the symmetric-memory path returns a new one, NCCL sums ``x`` in place."""
+    if _symmetric is not None and _symmetric.accepts(x):
+        return _symmetric(x)
     dist.all_reduce(x)
     return x
+
+
+def use_symmetric_all_reduce(symmetric) -> None:
+    """Route the all-reduces it accepts to ``symmetric`` (None: all to the process group)."""
+    global _symmetric
+    if _symmetric is not None and _symmetric is not symmetric:
+        _symmetric.close()
+    _symmetric = symmetric
 
 
 def init_process_group(rank: int, world_size: int, store, device: torch.device) -> None:
@@ -106,6 +120,7 @@ def leave_process_group(abort: bool = False, timeout_s: float | None = None) -> 
     the abort flag stops NCCL kernels that wait for a peer). Should a step still block, it is
     logged and left behind; the process group then stays registered (``dist.is_initialized()``)
     until that step ends, so no new group can start in this process before."""
+    use_symmetric_all_reduce(None)  # its buffer belongs to this group
     if not dist.is_initialized():
         return True
     timeout_s = LEAVE_TIMEOUT_S if timeout_s is None else timeout_s

@@ -45,6 +45,8 @@ def test_option_sweep_rounds_reverse_the_order():
         ["--compare-pipeline"],
         ["--values", "0"],
         ["--rounds", "0"],
+        ["--values", "1", "x"],
+        ["--option", "tensor_parallel_all_reduce", "--values", "nccl", "gloo"],
     ],
 )
 def test_option_sweep_refuses_what_it_cannot_act_on(argv):

@@ -209,6 +209,23 @@ def test_sizes_that_do_not_divide_the_heads_are_value_errors(tiny_model, tp):
     assert not multiprocessing.active_children()
 
 
+def test_symm_mem_all_reduce_without_gpus_is_a_value_error_and_the_next_engine_starts(
+    tiny_model, reference
+):
+    with pytest.raises(ValueError) as info:
+        llm_of(tiny_model, tensor_parallel_all_reduce="symm_mem")
+    message = str(info.value)
+    assert "tensor_parallel_all_reduce='symm_mem'" in message and "needs CUDA GPUs" in message
+    assert "tensor_parallel_all_reduce='nccl'" in message  # the fix
+    assert not multiprocessing.active_children() and not dist.is_initialized()
+    assert distributed._symmetric is None
+    prompts, expected = reference
+    llm = llm_of(tiny_model)
+    assert tokens(llm, prompts[:2]) == expected[:2]
+    llm.exit()
+    assert_nothing_left(llm)
+
+
 def test_close_is_bounded_when_a_worker_never_leaves(tiny_model, reference, monkeypatch, caplog):
     prompts, expected = reference
     inject(monkeypatch, hang_at_exit, 1)  # rank 1 ignores None and SIGTERM: only SIGKILL stops it
