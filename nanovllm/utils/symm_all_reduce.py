@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # One-shot reads every peer's whole message, two-shot a slice of each plus one more barrier:
 # one-shot up to this many bytes, two-shot above.
-ONE_SHOT_MAX_BYTES = 2 << 20
+ONE_SHOT_MAX_BYTES = 1 << 20
 # The symmetric buffer, hence the largest message taken off NCCL; larger ones are prefill.
 MAX_BUFFER_BYTES = 64 << 20
 
