@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tensor-parallel-all-reduce",
         choices=TP_ALL_REDUCES,
-        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (nccl)",
+        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (auto)",
     )
     p.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
@@ -195,6 +195,7 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     result["enable_mixed_steps"] = llm.config.enable_mixed_steps
     result["tensor_parallel_size"] = llm.config.tensor_parallel_size
     result["tensor_parallel_all_reduce"] = llm.config.tensor_parallel_all_reduce
+    result["all_reduce_used"] = llm.runtime.tensor_parallel_all_reduce  # what "auto" chose
     result["attention_backend"] = llm.runtime.attention_backend
     result["cuda_graphs"] = llm.runtime.cuda_graphs
     if pipelined:

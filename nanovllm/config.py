@@ -22,7 +22,7 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 # work, collectives) are then shared by more rows. An fp8 cache holds twice the tokens of a
 # 16-bit one, so it doubles the cap too.
 MAX_NUM_SEQS_PER_GPU = 512
-TP_ALL_REDUCES = ("nccl", "symm_mem")
+TP_ALL_REDUCES = ("auto", "symm_mem", "nccl")
 
 
 def default_max_num_seqs(tensor_parallel_size: int, kv_cache_dtype: str) -> int:
@@ -62,10 +62,11 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
-    # How ranks sum the row-parallel layers' outputs: "nccl", or "symm_mem" (one- or two-shot
-    # kernels over NVLink through torch's symmetric memory for messages up to a decode step's,
-    # NCCL above; utils/symm_all_reduce.py says why it is not the default). Ignored at size 1.
-    tensor_parallel_all_reduce: str = "nccl"
+    # How ranks sum the row-parallel layers' outputs: "symm_mem" sums messages up to a decode
+    # step's with one- or two-shot kernels over NVLink (torch's symmetric memory), larger ones
+    # with NCCL; "nccl" sums all with NCCL; "auto": symm_mem where every rank can use it (GPUs
+    # with peer access), else nccl (logged). Ignored at tensor_parallel_size=1.
+    tensor_parallel_all_reduce: str = "auto"
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None
@@ -145,7 +146,8 @@ class Config:
             bad(
                 "tensor_parallel_all_reduce",
                 f"use one of {TP_ALL_REDUCES}: 'symm_mem' sums decode-sized messages over "
-                "NVLink through torch's symmetric memory, 'nccl' sums all of them with NCCL",
+                "NVLink through torch's symmetric memory, 'nccl' sums all of them with NCCL, "
+                "'auto' takes symm_mem where the GPUs allow it",
             )
         if self.load_format not in ("auto", "dummy"):
             bad("load_format", 'use "auto" (safetensors) or "dummy" (random weights)')
@@ -221,6 +223,7 @@ class RuntimeInfo:
     attention_backend: str = ""
     kv_cache_dtype: torch.dtype | None = None  # resolved element type of the KV cache
     cuda_graphs: bool = False
+    tensor_parallel_all_reduce: str = "nccl"  # what sums decode steps' messages: symm_mem or nccl
 
 
 def check_tensor_parallel(config: Config, hf_config, device: torch.device) -> None:

@@ -261,14 +261,18 @@ FAILURE_SCRIPT = textwrap.dedent(
 
 # async_scheduling=True: a decode step is issued ahead, and its inputs are broadcast from rank 0
 # with an eager collective, when the worker fails; rank 0 sees the failure in its watched wait.
+# symm_mem: rank 0's GPU waits in a symmetric-memory barrier that nothing aborts until the
+# shut-down plays the stopped rank's part (SymmetricAllReduce.release_waiters); a new engine in
+# the same process must start.
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm_mem"])
 @pytest.mark.parametrize("async_scheduling", ["0", "1"])
-def test_worker_failure_under_nccl_surfaces(tmp_path, async_scheduling):
+def test_worker_failure_under_nccl_surfaces(tmp_path, async_scheduling, all_reduce):
     from nanovllm.utils.default_model import make_random_qwen3
 
     path = make_random_qwen3(str(tmp_path / "model"), "0.6b", write_weights=False)
     source = FAILURE_SCRIPT.replace("FAILURE_TIMEOUT_S", str(FAILURE_TIMEOUT_S))
     out, err = run_script(
-        tmp_path, "fail", source, path, async_scheduling, timeout_s=FAILURE_TIMEOUT_S
+        tmp_path, "fail", source, path, async_scheduling, all_reduce, timeout_s=FAILURE_TIMEOUT_S
     )
     print(out.strip())
     assert "TP FAILURE HANDLED" in out, out[-4000:] + err[-8000:]

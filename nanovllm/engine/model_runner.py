@@ -77,10 +77,13 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         with _default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
             self.model = model_class(hf)(hf)
-        if self.world_size > 1 and config.tensor_parallel_all_reduce == "symm_mem":
+        if self.world_size > 1 and config.tensor_parallel_all_reduce != "nccl":
             # The largest decode step's message: [max_num_seqs, hidden_size].
             max_bytes = config.max_num_seqs * hf.hidden_size * self.dtype.itemsize
-            use_symmetric_all_reduce(build_symmetric_all_reduce(self.device, self.dtype, max_bytes))
+            required = config.tensor_parallel_all_reduce == "symm_mem"
+            symmetric = build_symmetric_all_reduce(self.device, self.dtype, max_bytes, required)
+            use_symmetric_all_reduce(symmetric)
+            runtime.tensor_parallel_all_reduce = "symm_mem" if symmetric else "nccl"
         if config.load_format == "dummy":
             init_dummy_weights(self.model, seed=config.seed)
         else:

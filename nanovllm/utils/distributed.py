@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S = 10.0  # an idle GPU synchronises at once; one that does not waits on a collective
 LEAVE_TIMEOUT_S = 15.0  # destroying or aborting the process group (NCCL: about a second)
+RELEASE_TIMEOUT_S = 10.0  # a step stopped in symmetric-memory barriers runs out in milliseconds
 
 _rank, _size = 0, 1
 # The process's symmetric-memory all-reduce (utils/symm_all_reduce.py), tied to its process
@@ -119,8 +120,35 @@ def leave_process_group(abort: bool = False, timeout_s: float | None = None) -> 
     well. So the caller first drops its graphs and checks that the GPU is idle (else it aborts:
     the abort flag stops NCCL kernels that wait for a peer). Should a step still block, it is
     logged and left behind; the process group then stays registered (``dist.is_initialized()``)
-    until that step ends, so no new group can start in this process before."""
-    use_symmetric_all_reduce(None)  # its buffer belongs to this group
+    until that step ends, so no new group can start in this process before.
+
+    With symmetric-memory all-reduces an abort also plays the stopped peers' part in their
+    barriers, which nothing else ends (``SymmetricAllReduce.release_waiters``), until this GPU
+    is idle."""
+    symmetric, stop, releaser = _symmetric, threading.Event(), None
+    if abort and symmetric is not None:
+
+        def release() -> None:
+            try:
+                symmetric.release_waiters(stop, RELEASE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - leaving goes on
+                logger.exception("releasing the symmetric-memory barriers failed")
+
+        releaser = threading.Thread(target=release, name="nanovllm-release-barriers", daemon=True)
+        releaser.start()
+    try:
+        return _leave(abort, timeout_s)
+    finally:
+        if releaser is not None:
+            device = symmetric.buffer.device
+            if device.type == "cuda" and synchronize_within(device, RELEASE_TIMEOUT_S):
+                logger.info("the stopped step ran out: %s is idle", device)
+            stop.set()
+            releaser.join(RELEASE_TIMEOUT_S)
+        use_symmetric_all_reduce(None)  # its buffer belongs to this group
+
+
+def _leave(abort: bool, timeout_s: float | None) -> bool:
     if not dist.is_initialized():
         return True
     timeout_s = LEAVE_TIMEOUT_S if timeout_s is None else timeout_s

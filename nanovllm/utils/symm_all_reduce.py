@@ -1,5 +1,5 @@
 """All-reduce over NVLink through PyTorch's symmetric memory, for the small messages of decode
-steps (``Config.tensor_parallel_all_reduce="symm_mem"``).
+steps (``Config.tensor_parallel_all_reduce``: "symm_mem", or "auto" where the GPUs allow it).
 
 A decode step makes two all-reduces per layer of ``[num_tokens, hidden_size]``, a few MB each.
 NCCL's ring pays a fixed cost per call that dominates messages that small. With symmetric
@@ -11,14 +11,18 @@ two barriers, for the larger messages. Messages above the buffer (prefill) stay 
 
 Only peer loads and stores are used, never the ``multimem`` operations (NVLink multicast).
 
-The barrier kernels have no abort: should a peer stop in a step, this rank's GPU waits in the
-barrier until the process exits, where NCCL's abort would have ended its collective. That is
-why NCCL stays the default.
+The barrier kernels have no abort flag, unlike NCCL's: should a peer stop in a step, this
+rank's GPU would wait in a barrier for good. ``release_waiters`` then plays the stopped peers'
+part (``leave_process_group`` runs it when it aborts), so the step runs out, with garbage, and
+the GPU goes idle for the next engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -103,6 +107,37 @@ class SymmetricAllReduce:
             raise ValueError(f"algorithm={algorithm!r} is invalid: use 'one_shot' or 'two_shot'")
         return out.view(x.shape)
 
+    def release_waiters(self, stop: threading.Event, timeout_s: float) -> int:
+        """Until ``stop`` is set (or ``timeout_s``), mark every peer as arrived at every barrier.
+
+        A barrier slot is one uint32 per (block, source rank) in the waiting rank's signal pad:
+        a rank signals a peer by turning the peer's slot for it from 0 to 1 (waiting while it is
+        still 1) and waits for its own slot for the peer to turn 1, then back to 0. So this rank
+        keeps its slots for the peers at 1 and its slots in the peers' pads at 0, on a stream of
+        its own (the stuck kernel holds few SMs); the peers' pads stay mapped after they exit.
+        Returns how many rounds it wrote."""
+        me, world = self.handle.rank, self.handle.world_size
+        numel = self.handle.signal_pad_size // 4
+        numel -= numel % world
+        pads = [
+            self.handle.get_signal_pad(r, [numel // world, world], torch.int32)
+            for r in range(world)
+        ]
+        peers = [r for r in range(world) if r != me]
+        stream = torch.cuda.Stream(self.buffer.device) if self.buffer.is_cuda else None
+        deadline = time.monotonic() + timeout_s
+        rounds = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for peer in peers:
+                    pads[me][:, peer].fill_(1)
+                    pads[peer][:, me].fill_(0)
+            if stream is not None:
+                stream.synchronize()
+            rounds += 1
+            time.sleep(0.0005)
+        return rounds
+
     def close(self) -> None:
         self.handle = None
         self.buffer = None
@@ -110,17 +145,21 @@ class SymmetricAllReduce:
 
 
 def build_symmetric_all_reduce(
-    device: torch.device, dtype: torch.dtype, max_bytes: int
-) -> SymmetricAllReduce:
-    """Every rank of the default group calls this together. Raises ValueError, on every rank,
-    if any rank cannot use symmetric memory (the ranks agree first, so none waits for a
-    rendezvous that another skipped)."""
+    device: torch.device, dtype: torch.dtype, max_bytes: int, required: bool = True
+) -> SymmetricAllReduce | None:
+    """Every rank of the default group calls this together. The ranks first agree whether all
+    can use symmetric memory (so none waits for a rendezvous another skipped); if one cannot,
+    raise ValueError on every rank where ``required``, else return None (NCCL, logged)."""
     world_size = dist.get_world_size()
     reason = unavailable_reason(device, world_size)
     can = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
     dist.all_reduce(can, op=dist.ReduceOp.MIN)
     if not int(can.item()):
-        raise ValueError(refusal(reason or "another rank cannot use it"))
+        reason = reason or "another rank cannot use it"
+        if required:
+            raise ValueError(refusal(reason))
+        logger.info("all-reduces over NCCL: symmetric memory is unavailable (%s)", reason)
+        return None
     ar = SymmetricAllReduce(dist.group.WORLD, device, dtype, max_bytes)
     logger.info(
         "all-reduces of up to %.1f MiB over symmetric memory (one-shot up to %.1f MiB, "
