@@ -79,6 +79,14 @@ class SymmetricAllReduce:
         # Collective: every rank maps every other rank's buffer and signal pad.
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self.max_numel = numel
+        # What release_waiters launches, loaded now: with CUDA's lazy module loading the first
+        # launch of a kernel waits for the device, which a stuck barrier never lets go idle.
+        self._release_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._release_stream):
+            scratch = torch.empty_like(self._signal_pads()[0])  # a pad's layout, not a pad
+            for value in (0, 1):
+                scratch[:, 0].fill_(value)
+        self._release_stream.synchronize()
 
     def accepts(self, x: torch.Tensor) -> bool:
         # The kernels move 16-byte vectors: an odd size stays on NCCL.
@@ -117,26 +125,30 @@ class SymmetricAllReduce:
         its own (the stuck kernel holds few SMs); the peers' pads stay mapped after they exit.
         Returns how many rounds it wrote."""
         me, world = self.handle.rank, self.handle.world_size
-        numel = self.handle.signal_pad_size // 4
-        numel -= numel % world
-        pads = [
-            self.handle.get_signal_pad(r, [numel // world, world], torch.int32)
-            for r in range(world)
-        ]
+        pads = self._signal_pads()
         peers = [r for r in range(world) if r != me]
-        stream = torch.cuda.Stream(self.buffer.device) if self.buffer.is_cuda else None
+        stream = getattr(self, "_release_stream", None)
         deadline = time.monotonic() + timeout_s
-        rounds = 0
+        rounds, pending = 0, None
         while not stop.is_set() and time.monotonic() < deadline:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for peer in peers:
-                    pads[me][:, peer].fill_(1)
-                    pads[peer][:, me].fill_(0)
-            if stream is not None:
-                stream.synchronize()
-            rounds += 1
+            # Polled, never waited for: the thread keeps to its deadline whatever the GPU does.
+            if pending is None or pending.query():
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    for peer in peers:
+                        pads[me][:, peer].fill_(1)
+                        pads[peer][:, me].fill_(0)
+                    if stream is not None:
+                        pending = torch.cuda.Event()
+                        pending.record(stream)
+                rounds += 1
             time.sleep(0.0005)
         return rounds
+
+    def _signal_pads(self) -> list[torch.Tensor]:
+        """Every rank's signal pad as [slots // world_size, world_size] int32 (this mapping)."""
+        world = self.handle.world_size
+        rows = self.handle.signal_pad_size // 4 // world
+        return [self.handle.get_signal_pad(r, [rows, world], torch.int32) for r in range(world)]
 
     def close(self) -> None:
         self.handle = None
