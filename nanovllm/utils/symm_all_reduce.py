@@ -23,7 +23,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 
 import torch
 import torch.distributed as dist
@@ -57,19 +56,6 @@ def unavailable_reason(device: torch.device, world_size: int) -> str | None:
     return None
 
 
-GROUP_NAME_KEY = "nanovllm/symmetric-memory-group"
-
-
-def agreed_group_name(store: dist.Store, rank: int) -> str:
-    """A group name new to this process, the same on every rank: rank 0 draws it and
-    publishes it in the engine's store (new with each engine); the others read it."""
-    if rank == 0:
-        name = f"nanovllm-{uuid.uuid4().hex[:12]}"
-        store.set(GROUP_NAME_KEY, name)
-        return name
-    return store.get(GROUP_NAME_KEY).decode()
-
-
 def refusal(reason: str) -> str:
     return (
         f"Config.tensor_parallel_all_reduce='symm_mem' cannot be used: {reason}; use "
@@ -82,30 +68,14 @@ class SymmetricAllReduce:
     ``accepts`` it (same dtype, at most the buffer's bytes). Built by every rank together."""
 
     def __init__(
-        self,
-        store: dist.Store,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_bytes: int,
+        self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int
     ):
         import torch.distributed._symmetric_memory as symm_mem
-        from torch._C._distributed_c10d import _SymmetricMemory
 
-        # torch keeps symmetric-memory state per group name for the life of the process (the
-        # store it rendezvouses through, the mappings of each allocation). A process group
-        # built after another reuses its name ("0"), so the default group's name would lead a
-        # second engine's rendezvous to the first engine's store and peers: a name of its own,
-        # with this engine's store, keeps engines apart.
-        self.group_name = agreed_group_name(store, rank)
-        prefixed = dist.PrefixStore(self.group_name, store)
-        _SymmetricMemory.set_group_info(self.group_name, rank, world_size, prefixed)
+        self.group_name = group.group_name
         self.dtype = dtype
         numel = max(1, min(max_bytes, MAX_BUFFER_BYTES) // dtype.itemsize)
-        # Not symm_mem.empty: its pool would hand a later engine this engine's allocation,
-        # whose mappings torch keeps; a fresh allocation is mapped afresh.
-        self.buffer = _SymmetricMemory.empty_strided_p2p((numel,), (1,), dtype, device)
+        self.buffer = symm_mem.empty(numel, dtype=dtype, device=device)
         # Collective: every rank maps every other rank's buffer and signal pad.
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self.max_numel = numel
@@ -202,8 +172,7 @@ def build_symmetric_all_reduce(
             raise ValueError(refusal(reason))
         logger.info("all-reduces over NCCL: symmetric memory is unavailable (%s)", reason)
         return None
-    store = dist.distributed_c10d._get_default_store()
-    ar = SymmetricAllReduce(store, dist.get_rank(), world_size, device, dtype, max_bytes)
+    ar = SymmetricAllReduce(dist.group.WORLD, device, dtype, max_bytes)
     logger.info(
         "all-reduces of up to %.1f MiB over symmetric memory (one-shot up to %.1f MiB, "
         "two-shot above), larger ones over NCCL",

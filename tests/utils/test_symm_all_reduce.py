@@ -96,14 +96,3 @@ def test_without_gpus_it_says_why_and_what_to_use():
     reason = unavailable_reason(torch.device("cpu"), 2)
     assert "needs CUDA GPUs" in reason
     assert refusal(reason).endswith("use tensor_parallel_all_reduce='nccl'")
-
-
-def test_every_rank_of_an_engine_gets_one_group_name_and_the_next_engine_another():
-    from torch.distributed import HashStore
-
-    from nanovllm.utils.symm_all_reduce import agreed_group_name
-
-    first, second = HashStore(), HashStore()  # each engine opens a store of its own
-    name = agreed_group_name(first, 0)
-    assert agreed_group_name(first, 1) == name and name.startswith("nanovllm-")
-    assert agreed_group_name(second, 0) != name  # never the group name torch saw before
