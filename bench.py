@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tensor-parallel-all-reduce",
         choices=TP_ALL_REDUCES,
-        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (auto)",
+        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (nccl)",
     )
     p.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"

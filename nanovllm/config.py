@@ -22,7 +22,7 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 # work, collectives) are then shared by more rows. An fp8 cache holds twice the tokens of a
 # 16-bit one, so it doubles the cap too.
 MAX_NUM_SEQS_PER_GPU = 512
-TP_ALL_REDUCES = ("auto", "symm_mem", "nccl")
+TP_ALL_REDUCES = ("nccl", "symm_mem", "auto")
 
 
 def default_max_num_seqs(tensor_parallel_size: int, kv_cache_dtype: str) -> int:
@@ -62,11 +62,11 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
-    # How ranks sum the row-parallel layers' outputs: "symm_mem" sums messages up to a decode
-    # step's with one- or two-shot kernels over NVLink (torch's symmetric memory), larger ones
-    # with NCCL; "nccl" sums all with NCCL; "auto": symm_mem where every rank can use it (GPUs
-    # with peer access), else nccl (logged). Ignored at tensor_parallel_size=1.
-    tensor_parallel_all_reduce: str = "auto"
+    # How ranks sum the row-parallel layers' outputs: "nccl" sums all with NCCL; "symm_mem" sums
+    # messages up to a decode step's with one- or two-shot kernels over NVLink (torch's
+    # symmetric memory, one such engine per process), larger ones with NCCL; "auto": symm_mem
+    # where every rank can use it, else nccl (logged). Ignored at tensor_parallel_size=1.
+    tensor_parallel_all_reduce: str = "nccl"
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None

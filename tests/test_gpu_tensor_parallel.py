@@ -247,7 +247,10 @@ FAILURE_SCRIPT = textwrap.dedent(
         print(f"failure surfaced and the group shut down in {time.monotonic() - start:.2f} s")
         assert not multiprocessing.active_children()
         tp_workers._worker_main = REAL_WORKER_MAIN
+        if all_reduce != "nccl":  # one symmetric-memory engine per process: "auto" takes NCCL
+            kw["tensor_parallel_all_reduce"] = "auto"
         llm = LLM(path, **kw)  # a new group in the same process
+        assert llm.runtime.tensor_parallel_all_reduce == "nccl"
         out = llm.generate([[1, 2, 3]] * 4, sp, use_tqdm=False)
         assert all(len(o["token_ids"]) == 8 for o in out)
         start = time.monotonic()
@@ -262,8 +265,8 @@ FAILURE_SCRIPT = textwrap.dedent(
 # async_scheduling=True: a decode step is issued ahead, and its inputs are broadcast from rank 0
 # with an eager collective, when the worker fails; rank 0 sees the failure in its watched wait.
 # symm_mem: rank 0's GPU waits in a symmetric-memory barrier that nothing aborts until the
-# shut-down plays the stopped rank's part (SymmetricAllReduce.release_waiters); a new engine in
-# the same process must start.
+# shut-down plays the stopped rank's part (SymmetricAllReduce.release_waiters); the next engine
+# of the process ("auto": NCCL, as symmetric memory serves one engine per process) must start.
 @pytest.mark.parametrize("all_reduce", ["nccl", "symm_mem"])
 @pytest.mark.parametrize("async_scheduling", ["0", "1"])
 def test_worker_failure_under_nccl_surfaces(tmp_path, async_scheduling, all_reduce):

@@ -36,8 +36,21 @@ ONE_SHOT_MAX_BYTES = 1 << 20
 MAX_BUFFER_BYTES = 64 << 20
 
 
+# Set once an engine of this process has set up symmetric memory. torch keeps that state per
+# process-group name for the life of the process (the store its rendezvous goes through, the
+# mappings of each allocation), and every new default group is named "0" again: a later
+# engine's rendezvous would wait on the first engine's store and peers.
+_used_in_process = False
+
+
 def unavailable_reason(device: torch.device, world_size: int) -> str | None:
     """Why this rank cannot use symmetric-memory all-reduces, or None if it can."""
+    if _used_in_process:
+        return (
+            "an earlier tensor-parallel engine of this process set up symmetric memory, whose "
+            "state torch keeps per process group for the process's life (one such engine per "
+            "process: start a new process for it)"
+        )
     if device.type != "cuda":
         return f"it needs CUDA GPUs (device is {device.type})"
     try:
@@ -72,6 +85,8 @@ class SymmetricAllReduce:
     ):
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _used_in_process
+        _used_in_process = True  # from here on, whatever happens below
         self.group_name = group.group_name
         self.dtype = dtype
         numel = max(1, min(max_bytes, MAX_BUFFER_BYTES) // dtype.itemsize)

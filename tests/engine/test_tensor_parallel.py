@@ -220,7 +220,8 @@ def test_symm_mem_all_reduce_without_gpus_is_a_value_error_and_the_next_engine_s
     assert not multiprocessing.active_children() and not dist.is_initialized()
     assert distributed._symmetric is None
     prompts, expected = reference
-    llm = llm_of(tiny_model)  # "auto": NCCL (here gloo) where symmetric memory is unavailable
+    # "auto": NCCL (here gloo) where symmetric memory is unavailable, the ranks agreeing.
+    llm = llm_of(tiny_model, tensor_parallel_all_reduce="auto")
     assert llm.runtime.tensor_parallel_all_reduce == "nccl"
     assert tokens(llm, prompts[:2]) == expected[:2]
     llm.exit()

@@ -96,3 +96,12 @@ def test_without_gpus_it_says_why_and_what_to_use():
     reason = unavailable_reason(torch.device("cpu"), 2)
     assert "needs CUDA GPUs" in reason
     assert refusal(reason).endswith("use tensor_parallel_all_reduce='nccl'")
+
+
+def test_after_one_engine_a_process_gets_no_second_symmetric_memory_engine(monkeypatch):
+    from nanovllm.utils import symm_all_reduce
+
+    monkeypatch.setattr(symm_all_reduce, "_used_in_process", True)
+    reason = unavailable_reason(torch.device("cuda", 0), 2)
+    assert "an earlier tensor-parallel engine of this process" in reason
+    assert "start a new process" in reason
