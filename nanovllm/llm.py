@@ -34,6 +34,9 @@ class LLM(LLMEngine):
       by what the KV cache holds).
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.
     - ``tensor_parallel_size=1``: ranks (GPUs, or CPU processes) per engine.
+    - ``tensor_parallel_all_reduce="nccl"``: ``"symm_mem"`` sums decode-sized messages over
+      NVLink through torch's symmetric memory (one such engine per process), ``"auto"`` where
+      every rank can, else NCCL.
     - ``enforce_eager=False``: True disables CUDA graphs.
     - ``async_scheduling=True``: schedule and issue each decode step before the previous
       step's tokens reach the host, so host work overlaps the GPU (greedy and seeded outputs

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
@@ -50,9 +51,29 @@ def tensor_parallel(rank: int, world_size: int) -> Iterator[None]:
         _rank, _size = saved
 
 
+# (x) -> the sum of x over the group; set within ``all_reduce_through``.
+AllReduceFn = Callable[[torch.Tensor], torch.Tensor]
+_through: ContextVar[AllReduceFn | None] = ContextVar("nanovllm_all_reduce", default=None)
+
+
+@contextlib.contextmanager
+def all_reduce_through(fn: AllReduceFn | None) -> Iterator[None]:
+    """Within the block (this thread's kernels, issued or captured), every all-reduce goes to
+    ``fn``: a micro-batch on a stream of its own needs a communicator of its own, since one
+    symmetric buffer or NCCL communicator serves one stream at a time. None: the default."""
+    token = _through.set(fn)
+    try:
+        yield
+    finally:
+        _through.reset(token)
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the tensor-parallel group (callers check their own world size). Use the
     returned tensor: the symmetric-memory path returns a new one, NCCL sums ``x`` in place."""
+    fn = _through.get()
+    if fn is not None:
+        return fn(x)
     if _symmetric is not None and _symmetric.accepts(x):
         return _symmetric(x)
     dist.all_reduce(x)

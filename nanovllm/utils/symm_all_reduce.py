@@ -1,5 +1,6 @@
 """All-reduce over NVLink through PyTorch's symmetric memory, for the small messages of decode
-steps (``Config.tensor_parallel_all_reduce``: "symm_mem", or "auto" where the GPUs allow it).
+steps (``Config.tensor_parallel_all_reduce``: "symm_mem", or "auto" where the GPUs allow it;
+NCCL stays the default until the paths below have run on GPUs in every configuration).
 
 A decode step makes two all-reduces per layer of ``[num_tokens, hidden_size]``, a few MB each.
 NCCL's ring pays a fixed cost per call that dominates messages that small. With symmetric
@@ -14,7 +15,12 @@ Only peer loads and stores are used, never the ``multimem`` operations (NVLink m
 The barrier kernels have no abort flag, unlike NCCL's: should a peer stop in a step, this
 rank's GPU would wait in a barrier for good. ``release_waiters`` then plays the stopped peers'
 part (``leave_process_group`` runs it when it aborts), so the step runs out, with garbage, and
-the GPU goes idle for the next engine.
+the GPU goes idle.
+
+One engine per process uses it: torch keeps symmetric-memory state per process-group name for
+the life of the process (the store a rendezvous goes through, each allocation's mappings), and
+every new default group is named "0" again; a second engine's rendezvous in one process never
+returned. A later engine is refused ("symm_mem") or takes NCCL ("auto").
 """
 
 from __future__ import annotations
@@ -36,10 +42,8 @@ ONE_SHOT_MAX_BYTES = 1 << 20
 MAX_BUFFER_BYTES = 64 << 20
 
 
-# Set once an engine of this process has set up symmetric memory. torch keeps that state per
-# process-group name for the life of the process (the store its rendezvous goes through, the
-# mappings of each allocation), and every new default group is named "0" again: a later
-# engine's rendezvous would wait on the first engine's store and peers.
+# Set once an engine of this process has set up symmetric memory (the module docstring says why
+# a second one cannot).
 _used_in_process = False
 
 

@@ -105,3 +105,14 @@ def test_after_one_engine_a_process_gets_no_second_symmetric_memory_engine(monke
     reason = unavailable_reason(torch.device("cuda", 0), 2)
     assert "an earlier tensor-parallel engine of this process" in reason
     assert "start a new process" in reason
+
+
+def test_within_all_reduce_through_every_all_reduce_goes_to_the_given_function(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda x: calls.append("group"))
+    x = torch.ones(4)
+    with distributed.all_reduce_through(lambda t: t * 3):
+        assert torch.equal(distributed.all_reduce(x), x * 3)
+        with distributed.all_reduce_through(None):  # back to the default inside
+            assert distributed.all_reduce(x) is x
+    assert distributed.all_reduce(x) is x and calls == ["group", "group"]

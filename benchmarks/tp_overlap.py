@@ -1,0 +1,316 @@
+"""Does overlapping one micro-batch's all-reduces with another's compute pay at TP=2? The
+question before building the decode pipeline on every rank, measured without it.
+
+On every rank (one process per GPU) the decoder stack of ``--shape`` (random weights, this
+rank's shard, the engine's layers and attention backend) runs one synthetic decode step per
+batch and context, captured in a CUDA graph and replayed, four ways:
+
+- ``seq``: the whole batch on one stream, as the engine's sequential step;
+- ``overlap``: the batch split into two halves, each on a stream of its own with a
+  communicator of its own (``all_reduce_through``), issued one after the other and left to the
+  GPU to interleave: one half's all-reduces can run under the other's compute;
+- ``seq_nocomm`` / ``overlap_nocomm``: the same with every all-reduce replaced by the identity
+  (wrong values, the same kernels otherwise).
+
+``seq / overlap`` is what the overlap gains; ``seq / seq_nocomm`` the most any hiding could
+gain; ``overlap_nocomm / seq_nocomm`` what splitting the batch costs by itself (weights read
+once per half, attention and GEMMs at half the rows). The LM head and its all-gather are not
+run. ``--all-reduce symm_mem`` gives each half a symmetric-memory buffer of its own, ``nccl``
+a process group of its own.
+
+    python benchmarks/tp_overlap.py --shape 8b --all-reduce symm_mem --json OUT.json
+    python benchmarks/tp_overlap.py --quick --device cpu     # control flow, over gloo, eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    BLOCK_SIZE,
+    environment,
+    format_table,
+    model_path,
+    resolve_device,
+    write_json,
+)
+from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
+from nanovllm.utils.distributed import all_reduce_through, init_process_group  # noqa: E402
+
+VARIANTS = ("seq", "overlap", "seq_nocomm", "overlap_nocomm")
+COLUMNS = [
+    ("batch", "batch", "d"),
+    ("ctx", "ctx", "d"),
+    ("seq_ms", "seq ms", ".3f"),
+    ("overlap_ms", "overlap ms", ".3f"),
+    ("seq_nocomm_ms", "seq no-comm", ".3f"),
+    ("overlap_nocomm_ms", "ovl no-comm", ".3f"),
+    ("speedup", "seq/overlap", ".3f"),
+    ("ceiling", "seq/no-comm", ".3f"),
+    ("split_cost", "split cost", ".3f"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", choices=("tiny", "0.6b", "8b"), help="default: 8b (quick: tiny)")
+    p.add_argument("--batches", type=int, nargs="+", help="default: 128 256 512")
+    p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 1024")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument(
+        "--all-reduce",
+        choices=[a for a in TP_ALL_REDUCES if a != "auto"],
+        help="default: symm_mem on GPUs, nccl (gloo) on CPU",
+    )
+    p.add_argument("--reps", type=int, help="graph replays per trial (default 20)")
+    p.add_argument("--trials", type=int, default=3, help="timed runs per variant, median")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--quick", action="store_true", help="smoke mode: tiny shape and sizes")
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.shape = args.shape or ("tiny" if q else "8b")
+    args.batches = args.batches or ([4] if q else [128, 256, 512])
+    args.ctxs = args.ctxs or ([40] if q else [512, 1024])
+    args.reps = args.reps or (2 if q else 20)
+    for name in ("batches", "ctxs"):
+        if any(v < 1 for v in getattr(args, name)):
+            p.error(f"--{name} {getattr(args, name)}: each value must be >= 1")
+    if any(b < 2 or b % 2 for b in args.batches):
+        p.error(f"--batches {args.batches}: even sizes of 2 or more (the batch splits in two)")
+    if args.world_size < 2 or args.reps < 1 or args.trials < 1:
+        p.error("--world-size must be >= 2, --reps and --trials >= 1")
+    device = resolve_device(args.device)
+    args.all_reduce = args.all_reduce or ("symm_mem" if device.type == "cuda" else "nccl")
+    if args.all_reduce == "symm_mem" and device.type != "cuda":
+        p.error("--all-reduce symm_mem: symmetric memory needs CUDA GPUs")
+    return args
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _communicators(args, device, dtype, hidden: int) -> tuple:
+    """One all-reduce per half (the first also serves ``seq``): symmetric-memory buffers of
+    their own, or process groups of their own."""
+    if args.all_reduce == "symm_mem":
+        from nanovllm.utils.symm_all_reduce import SymmetricAllReduce
+
+        max_bytes = max(args.batches) * hidden * dtype.itemsize
+        return tuple(
+            SymmetricAllReduce(dist.group.WORLD, device, dtype, max_bytes) for _ in range(2)
+        )
+    second = dist.new_group(list(range(args.world_size)))
+
+    def through(group):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(x, group=group)
+            return x
+
+        return fn
+
+    return through(None), through(second)
+
+
+def _build(args, rank: int, device, dtype, path: str):
+    """This rank's decoder stack (random weights) with the engine's attention backend."""
+    from transformers import AutoConfig
+
+    from nanovllm.attention import select_attention_backend
+    from nanovllm.layers.attention import Attention
+    from nanovllm.models import model_class
+    from nanovllm.utils.distributed import tensor_parallel
+    from nanovllm.utils.loader import init_dummy_weights
+
+    hf = AutoConfig.from_pretrained(path)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device, tensor_parallel(rank, args.world_size):
+            model = model_class(hf)(hf)
+    finally:
+        torch.set_default_dtype(old)
+    init_dummy_weights(model, seed=0)
+    backend = select_attention_backend("auto", device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+    return model.eval(), hf, backend
+
+
+def _inputs(batch: int, ctx: int, vocab: int, device):
+    """A decode step: every sequence at position ctx - 1, its own blocks."""
+    from nanovllm.attention.metadata import AttentionMetadata
+
+    per_seq = math.ceil(ctx / BLOCK_SIZE)
+    tables = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
+    last = (ctx - 1) // BLOCK_SIZE
+    slots = (tables[:, last] * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE).contiguous()
+    meta = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=slots,
+        context_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
+        block_tables=tables,
+    )
+    gen = torch.Generator(device).manual_seed(batch + ctx)
+    ids = torch.randint(0, vocab, (batch,), device=device, generator=gen)
+    positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device=device)
+    return ids, positions, meta, batch * per_seq
+
+
+def _step_fn(model, ids, positions, meta, variant: str, comms, device, out: list):
+    """One decode step of ``variant``, issued on the current stream (halves forked off it);
+    its final hidden states go to ``out`` (one tensor per half)."""
+    half = ids.shape[0] // 2
+    nocomm = variant.endswith("nocomm")
+    if variant.startswith("seq"):
+        reduce = _identity if nocomm else comms[0]
+
+        def fn():
+            with all_reduce_through(reduce):
+                out[:] = [model(ids, positions, meta)]
+
+        return fn
+    parts = [(0, half), (half, ids.shape[0])]
+    on_gpu = device.type == "cuda"
+    streams = [torch.cuda.Stream(device) for _ in parts] if on_gpu else [None, None]
+
+    def fn():
+        main = torch.cuda.current_stream(device) if on_gpu else None
+        out.clear()
+        for (lo, hi), stream, comm in zip(parts, streams, comms):
+            reduce = _identity if nocomm else comm
+            ctx = torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext()
+            if on_gpu:
+                stream.wait_stream(main)  # fork: the step's inputs are ready on main
+            with ctx, all_reduce_through(reduce):
+                out.append(model(ids[lo:hi], positions[lo:hi], meta.decode_slice(lo, hi)))
+        if on_gpu:
+            for stream in streams:
+                main.wait_stream(stream)  # join: the step ends when both halves do
+
+    return fn
+
+
+def _time_ms(fn, args, device) -> float:
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # warm-up (Triton compiles, NCCL connects) outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    else:
+        run = fn
+    times = []
+    for _ in range(args.trials + 1):  # the first is a warm-up
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t) * 1e3 / args.reps)
+    return statistics.median(times[1:])
+
+
+def _rank_main(rank: int, args: argparse.Namespace, path: str, port: int, queue) -> None:
+    from nanovllm.engine.kv_cache import allocate_kv_cache
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    store = dist.TCPStore("127.0.0.1", port, args.world_size, rank == 0)
+    init_process_group(rank, args.world_size, store, device)
+    try:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, hf, backend = _build(args, rank, device, dtype, path)
+        comms = _communicators(args, device, dtype, hf.hidden_size)
+        rows = []
+        for ctx in args.ctxs:
+            for batch in args.batches:
+                ids, positions, meta, blocks = _inputs(batch, ctx, hf.vocab_size, device)
+                cache = allocate_kv_cache(model, blocks, BLOCK_SIZE, dtype, device)
+                cache.normal_(0, 1)
+                row = dict(batch=batch, ctx=ctx)
+                with torch.inference_mode():
+                    # The halves, each with its own communicator, compute what the whole does.
+                    results = {}
+                    for variant in ("seq", "overlap"):
+                        results[variant] = []
+                        _step_fn(
+                            model, ids, positions, meta, variant, comms, device, results[variant]
+                        )()
+                    whole, halves = results["seq"][0], torch.cat(results["overlap"])
+                    row["overlap_max_diff"] = (whole.float() - halves.float()).abs().max().item()
+                    for variant in VARIANTS:
+                        fn = _step_fn(model, ids, positions, meta, variant, comms, device, [])
+                        row[f"{variant}_ms"] = _time_ms(fn, args, device)
+                row["speedup"] = row["seq_ms"] / row["overlap_ms"]
+                row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
+                row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
+                if rank == 0:
+                    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                rows.append(row)
+                del cache
+        if rank == 0:
+            queue.put((rows, backend.name))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and torch.cuda.device_count() < args.world_size:
+        sys.exit(f"--world-size {args.world_size}: only {torch.cuda.device_count()} GPU(s) visible")
+    env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
+    print(f"card: {env['card']} x {args.world_size}; all-reduce: {args.all_reduce}")
+    path = model_path(args.shape)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    print(format_table([], COLUMNS))
+    mp.start_processes(
+        _rank_main, args=(args, path, port, queue), nprocs=args.world_size, start_method="spawn"
+    )
+    rows, backend = queue.get()
+    payload = {
+        "script": "benchmarks/tp_overlap.py",
+        "environment": env,
+        "args": vars(args),
+        "attention_backend": backend,
+        "rows": rows,
+    }
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
