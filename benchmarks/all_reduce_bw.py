@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import environment, format_table, resolve_device, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    format_table,
+    graph_replay_ms,
+    resolve_device,
+    run_ranks,
+    write_json,
+)
 from nanovllm.utils.distributed import init_process_group  # noqa: E402
 
 METHODS = ("nccl", "one_shot", "two_shot")
@@ -66,36 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _time_us(fn, calls: int, reps: int, trials: int, device: torch.device) -> float:
-    """Median per-call microseconds of ``fn`` (``calls`` all-reduces), captured once as a CUDA
-    graph on a GPU (eager on CPU)."""
-    if device.type == "cuda":
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()  # warm-up outside the capture
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    else:
-        run = fn
-    times = []
-    for _ in range(trials + 1):  # the first is a warm-up
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t) * 1e6 / (reps * calls))
-    return statistics.median(times[1:])
-
-
 def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
+    def per_call_us(fn) -> float:
+        return graph_replay_ms(fn, device, args.reps, args.trials) * 1e3 / args.calls
+
     device = resolve_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank)
@@ -127,7 +104,7 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                         for _ in range(args.calls):
                             dist.all_reduce(buf)  # grows by world_size per call; timing only
 
-                    row["nccl_us"] = _time_us(fn, args.calls, args.reps, args.trials, device)
+                    row["nccl_us"] = per_call_us(fn)
                     continue
                 if symmetric is None:
                     continue
@@ -138,7 +115,7 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                     for _ in range(args.calls):
                         symmetric(x, method)
 
-                row[f"{method}_us"] = _time_us(fn, args.calls, args.reps, args.trials, device)
+                row[f"{method}_us"] = per_call_us(fn)
                 row[f"{method}_speedup"] = row["nccl_us"] / row[f"{method}_us"]
             rows_out.append(row)
         if symmetric is not None:
@@ -156,15 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--world-size {args.world_size}: only {torch.cuda.device_count()} GPU(s) visible")
     env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
     print(f"card: {env['card']} x {args.world_size}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _rank_main, args=(args, port, queue), nprocs=args.world_size, start_method="spawn"
-    )
-    rows, why = queue.get()
+    rows, why = run_ranks(_rank_main, args.world_size, args)
     if why:
         print(why)
     print(format_table(rows, COLUMNS))

@@ -379,6 +379,56 @@ def time_fns(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def graph_replay_ms(
+    fn: Callable[[], object], device: torch.device, reps: int, trials: int
+) -> float:
+    """Median over ``trials`` of milliseconds per run of ``fn``, captured once as a CUDA graph
+    after an eager warm-up on a side stream (eager on CPU), ``reps`` runs a trial after one
+    untimed trial. Every rank of a process group calls it together: a barrier starts each trial,
+    so ranks whose graphs hold collectives replay side by side."""
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # warm-up outside the capture: compiles, connects communicators
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    else:
+        run = fn
+    times = []
+    for _ in range(trials + 1):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t) * 1e3 / reps)
+    return statistics.median(times[1:])
+
+
+def run_ranks(target: Callable, world_size: int, *args) -> object:
+    """Run ``target(rank, *args, port, queue)`` in ``world_size`` spawned processes (``port``: a
+    free one for their TCPStore) and return what rank 0 puts in ``queue``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(target, args=(*args, port, queue), nprocs=world_size, start_method="spawn")
+    return queue.get()
+
+
 def concurrent_ms(fn_by_stream: dict, reps: int) -> tuple[float, dict]:
     """``{name: (stream, fn)}`` issued together, each on its stream: the median wall ms until
     every stream's work is done, and the median ms per stream. The first repetition compiles

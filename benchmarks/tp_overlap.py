@@ -28,14 +28,10 @@ import argparse
 import contextlib
 import math
 import os
-import socket
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,8 +39,10 @@ from benchmarks.common import (  # noqa: E402
     BLOCK_SIZE,
     environment,
     format_table,
+    graph_replay_ms,
     model_path,
     resolve_device,
+    run_ranks,
     write_json,
 )
 from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
@@ -208,34 +206,6 @@ def _step_fn(model, ids, positions, meta, variant: str, comms, device, out: list
     return fn
 
 
-def _time_ms(fn, args, device) -> float:
-    if device.type == "cuda":
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn()  # warm-up (Triton compiles, NCCL connects) outside the capture
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    else:
-        run = fn
-    times = []
-    for _ in range(args.trials + 1):  # the first is a warm-up
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(args.reps):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t) * 1e3 / args.reps)
-    return statistics.median(times[1:])
-
-
 def _rank_main(rank: int, args: argparse.Namespace, path: str, port: int, queue) -> None:
     from nanovllm.engine.kv_cache import allocate_kv_cache
 
@@ -270,7 +240,7 @@ def _rank_main(rank: int, args: argparse.Namespace, path: str, port: int, queue)
                     row["overlap_max_diff"] = (whole.float() - halves.float()).abs().max().item()
                     for variant in VARIANTS:
                         fn = _step_fn(model, ids, positions, meta, variant, comms, device, [])
-                        row[f"{variant}_ms"] = _time_ms(fn, args, device)
+                        row[f"{variant}_ms"] = graph_replay_ms(fn, device, args.reps, args.trials)
                 row["speedup"] = row["seq_ms"] / row["overlap_ms"]
                 row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
                 row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
@@ -292,15 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
     print(f"card: {env['card']} x {args.world_size}; all-reduce: {args.all_reduce}")
     path = model_path(args.shape)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
     print(format_table([], COLUMNS))
-    mp.start_processes(
-        _rank_main, args=(args, path, port, queue), nprocs=args.world_size, start_method="spawn"
-    )
-    rows, backend = queue.get()
+    rows, backend = run_ranks(_rank_main, args.world_size, args, path)
     payload = {
         "script": "benchmarks/tp_overlap.py",
         "environment": env,
