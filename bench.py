@@ -40,6 +40,7 @@ from benchmarks.common import (
 )
 from nanovllm import SamplingParams
 from nanovllm.config import TP_ALL_REDUCES
+from nanovllm.utils.tensors import default_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -247,13 +248,8 @@ def hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
 def build_hf_model(hf_config, state: dict, dtype: torch.dtype, device):
     from transformers import Qwen3ForCausalLM as HFQwen3
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = HFQwen3(hf_config)
-    finally:
-        torch.set_default_dtype(old)
+    with default_dtype(dtype), torch.device(device):
+        model = HFQwen3(hf_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"HF weight mapping: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -29,7 +29,6 @@ from benchmarks.common import (  # noqa: E402
     run_ranks,
     write_json,
 )
-from nanovllm.utils.distributed import init_process_group  # noqa: E402
 
 METHODS = ("nccl", "one_shot", "two_shot")
 COLUMNS = [
@@ -69,61 +68,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
+def _rank_main(rank: int, device: torch.device, args: argparse.Namespace) -> tuple:
     def per_call_us(fn) -> float:
         return graph_replay_ms(fn, device, args.reps, args.trials) * 1e3 / args.calls
 
-    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    symmetric, why = None, None
     if device.type == "cuda":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    store = dist.TCPStore("127.0.0.1", port, args.world_size, rank == 0)
-    init_process_group(rank, args.world_size, store, device)
-    try:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        symmetric, why = None, None
-        if device.type == "cuda":
-            from nanovllm.utils.symm_all_reduce import build_symmetric_all_reduce
+        from nanovllm.utils.symm_all_reduce import build_symmetric_all_reduce
 
-            max_bytes = max(args.rows) * args.hidden * dtype.itemsize
-            symmetric = build_symmetric_all_reduce(device, dtype, max_bytes)
-        else:
-            why = "symmetric memory needs CUDA GPUs: only the process group is timed"
-        rows_out = []
-        for rows in args.rows:
-            gen = torch.Generator(device).manual_seed(rank * 1000 + rows)
-            x = torch.randn(rows, args.hidden, device=device, dtype=dtype, generator=gen)
-            ref = x.clone()
-            dist.all_reduce(ref)
-            row = dict(rows=rows, mib=x.numel() * x.element_size() / 2**20)
-            for method in METHODS:
-                if method == "nccl":
-                    buf = x.clone()
+        max_bytes = max(args.rows) * args.hidden * dtype.itemsize
+        symmetric = build_symmetric_all_reduce(device, dtype, max_bytes)
+    else:
+        why = "symmetric memory needs CUDA GPUs: only the process group is timed"
+    rows_out = []
+    for rows in args.rows:
+        gen = torch.Generator(device).manual_seed(rank * 1000 + rows)
+        x = torch.randn(rows, args.hidden, device=device, dtype=dtype, generator=gen)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        row = dict(rows=rows, mib=x.numel() * x.element_size() / 2**20)
+        for method in METHODS:
+            if method == "nccl":
+                buf = x.clone()
 
-                    def fn(buf=buf):
-                        for _ in range(args.calls):
-                            dist.all_reduce(buf)  # grows by world_size per call; timing only
-
-                    row["nccl_us"] = per_call_us(fn)
-                    continue
-                if symmetric is None:
-                    continue
-                got = symmetric(x, method)
-                row[f"{method}_max_diff"] = (got.float() - ref.float()).abs().max().item()
-
-                def fn(method=method, x=x):
+                def fn(buf=buf):
                     for _ in range(args.calls):
-                        symmetric(x, method)
+                        dist.all_reduce(buf)  # grows by world_size per call; timing only
 
-                row[f"{method}_us"] = per_call_us(fn)
-                row[f"{method}_speedup"] = row["nccl_us"] / row[f"{method}_us"]
-            rows_out.append(row)
-        if symmetric is not None:
-            symmetric.close()
-        if rank == 0:
-            queue.put((rows_out, why))
-    finally:
-        dist.destroy_process_group()
+                row["nccl_us"] = per_call_us(fn)
+                continue
+            if symmetric is None:
+                continue
+            got = symmetric(x, method)
+            row[f"{method}_max_diff"] = (got.float() - ref.float()).abs().max().item()
+
+            def fn(method=method, x=x):
+                for _ in range(args.calls):
+                    symmetric(x, method)
+
+            row[f"{method}_us"] = per_call_us(fn)
+            row[f"{method}_speedup"] = row["nccl_us"] / row[f"{method}_us"]
+        rows_out.append(row)
+    if symmetric is not None:
+        symmetric.close()
+    return rows_out, why
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--world-size {args.world_size}: only {torch.cuda.device_count()} GPU(s) visible")
     env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
     print(f"card: {env['card']} x {args.world_size}")
-    rows, why = run_ranks(_rank_main, args.world_size, args)
+    rows, why = run_ranks(_rank_main, args.world_size, args.device, args)
     if why:
         print(why)
     print(format_table(rows, COLUMNS))

@@ -414,18 +414,46 @@ def graph_replay_ms(
     return statistics.median(times[1:])
 
 
-def run_ranks(target: Callable, world_size: int, *args) -> object:
-    """Run ``target(rank, *args, port, queue)`` in ``world_size`` spawned processes (``port``: a
-    free one for their TCPStore) and return what rank 0 puts in ``queue``."""
+def _rank_entry(
+    rank: int, target: Callable, world_size: int, device_name: str, port: int, queue, args: tuple
+) -> None:
+    """A spawned rank: join the process group (NCCL on ``cuda:rank``, else gloo), run
+    ``target(rank, device, *args)``, leave; rank 0 hands back what it returned."""
+    from nanovllm.utils.distributed import cpu_threads_per_rank, init_process_group
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads_per_rank(world_size))
+    store = torch.distributed.TCPStore("127.0.0.1", port, world_size, rank == 0)
+    init_process_group(rank, world_size, store, device)
+    try:
+        result = target(rank, device, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        queue.put(result)
+
+
+def run_ranks(target: Callable, world_size: int, device_name: str, *args) -> object:
+    """Run ``target(rank, device, *args)`` (a module-level function: spawn pickles it by name)
+    on ``world_size`` spawned ranks of one process group; returns rank 0's result."""
     import socket
 
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        port = s.getsockname()[1]  # the ranks' TCPStore
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(target, args=(*args, port, queue), nprocs=world_size, start_method="spawn")
+    mp.start_processes(
+        _rank_entry,
+        args=(target, world_size, device_name, port, queue, args),
+        nprocs=world_size,
+        start_method="spawn",
+    )
     return queue.get()
 
 

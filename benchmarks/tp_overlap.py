@@ -46,7 +46,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
-from nanovllm.utils.distributed import all_reduce_through, init_process_group  # noqa: E402
+from nanovllm.utils.distributed import all_reduce_through  # noqa: E402
 
 VARIANTS = ("seq", "overlap", "seq_nocomm", "overlap_nocomm")
 COLUMNS = [
@@ -135,15 +135,11 @@ def _build(args, rank: int, device, dtype, path: str):
     from nanovllm.models import model_class
     from nanovllm.utils.distributed import tensor_parallel
     from nanovllm.utils.loader import init_dummy_weights
+    from nanovllm.utils.tensors import default_dtype
 
     hf = AutoConfig.from_pretrained(path)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device, tensor_parallel(rank, args.world_size):
-            model = model_class(hf)(hf)
-    finally:
-        torch.set_default_dtype(old)
+    with default_dtype(dtype), device, tensor_parallel(rank, args.world_size):
+        model = model_class(hf)(hf)
     init_dummy_weights(model, seed=0)
     backend = select_attention_backend("auto", device)
     for module in model.modules():
@@ -206,52 +202,40 @@ def _step_fn(model, ids, positions, meta, variant: str, comms, device, out: list
     return fn
 
 
-def _rank_main(rank: int, args: argparse.Namespace, path: str, port: int, queue) -> None:
+def _rank_main(rank: int, device: torch.device, args: argparse.Namespace, path: str) -> tuple:
     from nanovllm.engine.kv_cache import allocate_kv_cache
 
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
-    store = dist.TCPStore("127.0.0.1", port, args.world_size, rank == 0)
-    init_process_group(rank, args.world_size, store, device)
-    try:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model, hf, backend = _build(args, rank, device, dtype, path)
-        comms = _communicators(args, device, dtype, hf.hidden_size)
-        rows = []
-        for ctx in args.ctxs:
-            for batch in args.batches:
-                ids, positions, meta, blocks = _inputs(batch, ctx, hf.vocab_size, device)
-                cache = allocate_kv_cache(model, blocks, BLOCK_SIZE, dtype, device)
-                cache.normal_(0, 1)
-                row = dict(batch=batch, ctx=ctx)
-                with torch.inference_mode():
-                    # The halves, each with its own communicator, compute what the whole does.
-                    results = {}
-                    for variant in ("seq", "overlap"):
-                        results[variant] = []
-                        _step_fn(
-                            model, ids, positions, meta, variant, comms, device, results[variant]
-                        )()
-                    whole, halves = results["seq"][0], torch.cat(results["overlap"])
-                    row["overlap_max_diff"] = (whole.float() - halves.float()).abs().max().item()
-                    for variant in VARIANTS:
-                        fn = _step_fn(model, ids, positions, meta, variant, comms, device, [])
-                        row[f"{variant}_ms"] = graph_replay_ms(fn, device, args.reps, args.trials)
-                row["speedup"] = row["seq_ms"] / row["overlap_ms"]
-                row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
-                row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
-                if rank == 0:
-                    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-                rows.append(row)
-                del cache
-        if rank == 0:
-            queue.put((rows, backend.name))
-    finally:
-        dist.destroy_process_group()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, hf, backend = _build(args, rank, device, dtype, path)
+    comms = _communicators(args, device, dtype, hf.hidden_size)
+    rows = []
+    for ctx in args.ctxs:
+        for batch in args.batches:
+            ids, positions, meta, blocks = _inputs(batch, ctx, hf.vocab_size, device)
+            cache = allocate_kv_cache(model, blocks, BLOCK_SIZE, dtype, device)
+            cache.normal_(0, 1)
+            row = dict(batch=batch, ctx=ctx)
+            with torch.inference_mode():
+                # The halves, each with its own communicator, compute what the whole does.
+                results = {}
+                for variant in ("seq", "overlap"):
+                    results[variant] = []
+                    _step_fn(
+                        model, ids, positions, meta, variant, comms, device, results[variant]
+                    )()
+                whole, halves = results["seq"][0], torch.cat(results["overlap"])
+                row["overlap_max_diff"] = (whole.float() - halves.float()).abs().max().item()
+                for variant in VARIANTS:
+                    fn = _step_fn(model, ids, positions, meta, variant, comms, device, [])
+                    row[f"{variant}_ms"] = graph_replay_ms(fn, device, args.reps, args.trials)
+            row["speedup"] = row["seq_ms"] / row["overlap_ms"]
+            row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
+            row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
+            if rank == 0:
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            rows.append(row)
+            del cache
+    return rows, backend.name
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -263,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"card: {env['card']} x {args.world_size}; all-reduce: {args.all_reduce}")
     path = model_path(args.shape)
     print(format_table([], COLUMNS))
-    rows, backend = run_ranks(_rank_main, args.world_size, args, path)
+    rows, backend = run_ranks(_rank_main, args.world_size, args.device, args, path)
     payload = {
         "script": "benchmarks/tp_overlap.py",
         "environment": env,

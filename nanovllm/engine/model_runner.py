@@ -6,7 +6,6 @@ pipeline."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -39,19 +38,9 @@ from nanovllm.utils.distributed import (
 )
 from nanovllm.utils.loader import init_dummy_weights, load_model
 from nanovllm.utils.symm_all_reduce import build_symmetric_all_reduce
-from nanovllm.utils.tensors import to_device
+from nanovllm.utils.tensors import default_dtype, to_device
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 class ModelRunner:
@@ -75,7 +64,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
             baseline_reserved = torch.cuda.memory_reserved(self.device)  # earlier engines
             torch.cuda.reset_peak_memory_stats(self.device)
-        with _default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
+        with default_dtype(self.dtype), self.device, tensor_parallel(self.rank, self.world_size):
             self.model = model_class(hf)(hf)
         if self.world_size > 1 and config.tensor_parallel_all_reduce != "nccl":
             # The largest decode step's message: [max_num_seqs, hidden_size].
