@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tensor-parallel-all-reduce",
         choices=TP_ALL_REDUCES,
-        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (nccl)",
+        help="LLM(tensor_parallel_all_reduce=...); default: the engine's (auto)",
     )
     p.add_argument(
         "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="LLM(kv_cache_dtype=...)"
@@ -178,6 +178,8 @@ def run_variant(args, path: str, device, pipelined: bool, prompts, params):
     with kernel_compiles() as compiled, gc_pauses() as gc_stats:
         seconds, tokens = timed_generate(llm, prompts, params, device)
     print(f"[{label}] garbage collector: {format_gc_pauses(gc_stats)}")
+    if llm.config.tensor_parallel_size > 1:  # "auto" takes NCCL after the process's first
+        print(f"[{label}] all-reduce: {llm.runtime.tensor_parallel_all_reduce}")
     if compiled:
         print(f"[{label}] compiled inside the timed run: {compiled}")
     expected = sum(sp.max_tokens for sp in params)

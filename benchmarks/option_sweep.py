@@ -10,10 +10,12 @@ in one process, on the same requests. How does throughput scale from one GPU to 
 Each value's engine is built, warmed up, timed and freed before the next; ``--rounds 2`` runs
 every value twice, the order reversed in the second round, and compares medians. Throughput
 ratios are against the first value. ``--num-seqs`` may list several request counts: each is a
-sweep of its own, all in one result file. Every other option is ``bench.py``'s.
+sweep of its own, all in one result file. Every other option is ``bench.py``'s. Symmetric
+memory serves one tensor-parallel engine per process, so on GPUs a sweep that would build more
+than one engine using it (``tensor_parallel_all_reduce`` auto or symm_mem) is refused.
 
     python benchmarks/option_sweep.py --shape 8b --option tensor_parallel_size --values 1 2 \
-        --num-seqs 512 1024 --json OUT
+        --num-seqs 1024 --json OUT
     python benchmarks/option_sweep.py --shape 8b --option prefill_admission_batch --values 1 64
     python benchmarks/option_sweep.py --shape 8b --tensor-parallel-size 2 \
         --option max_num_seqs --values 512 1024 --json OUT
@@ -87,7 +89,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
         p.error(f"--num-seqs {ours.num_seqs}: each count must be >= 1")
     args = bench.parse_args(rest)
     args.rounds = ours.rounds
-    return args, ours.option, ours.values, ours.num_seqs or [args.num_seqs]
+    counts = ours.num_seqs or [args.num_seqs]
+    wanting = symmetric_memory_engines(args, ours.option, ours.values, len(counts) * ours.rounds)
+    if wanting > 1 and resolve_device(args.device).type == "cuda":
+        p.error(
+            f"this sweep builds {wanting} tensor-parallel engines that would use symmetric memory "
+            "in one process, which serves one (the later ones would sum over NCCL): run one "
+            "request count and one round per process, or pass --tensor-parallel-all-reduce nccl"
+        )
+    return args, ours.option, ours.values, counts
+
+
+def symmetric_memory_engines(args, option: str, values: list, repeats: int) -> int:
+    """How many of the sweep's engines have more than one rank and an all-reduce that would
+    take symmetric memory (``symm_mem``, or ``auto`` on GPUs with peer access)."""
+    wanting = 0
+    for value in values:
+        tp = value if option == "tensor_parallel_size" else args.tensor_parallel_size
+        all_reduce = (
+            value if option == "tensor_parallel_all_reduce" else args.tensor_parallel_all_reduce
+        )
+        wanting += tp > 1 and (all_reduce or "auto") != "nccl"
+    return wanting * repeats
 
 
 def sweep(args, option: str, values: list, path: str, device, vocab: int) -> dict:

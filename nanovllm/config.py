@@ -65,8 +65,9 @@ class Config:
     # How ranks sum the row-parallel layers' outputs: "nccl" sums all with NCCL; "symm_mem" sums
     # messages up to a decode step's with one- or two-shot kernels over NVLink (torch's
     # symmetric memory, one such engine per process), larger ones with NCCL; "auto": symm_mem
-    # where every rank can use it, else nccl (logged). Ignored at tensor_parallel_size=1.
-    tensor_parallel_all_reduce: str = "nccl"
+    # where every rank can use it (GPUs with peer access, the process's first such engine), else
+    # nccl (logged). Ignored at tensor_parallel_size=1.
+    tensor_parallel_all_reduce: str = "auto"
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None

@@ -34,9 +34,10 @@ class LLM(LLMEngine):
       by what the KV cache holds).
     - ``gpu_memory_utilization=0.9``: share of the GPU this engine may use.
     - ``tensor_parallel_size=1``: ranks (GPUs, or CPU processes) per engine.
-    - ``tensor_parallel_all_reduce="nccl"``: ``"symm_mem"`` sums decode-sized messages over
+    - ``tensor_parallel_all_reduce="auto"``: ``"symm_mem"`` sums decode-sized messages over
       NVLink through torch's symmetric memory (one such engine per process), ``"auto"`` where
-      every rank can, else NCCL.
+      every rank can and no earlier engine of the process did, else NCCL; ``"nccl"``: NCCL
+      always.
     - ``enforce_eager=False``: True disables CUDA graphs.
     - ``async_scheduling=True``: schedule and issue each decode step before the previous
       step's tokens reach the host, so host work overlaps the GPU (greedy and seeded outputs

@@ -116,13 +116,18 @@ RECORD_SCRIPT = textwrap.dedent(
         llm.exit()
         exit_s = time.monotonic() - start
         print(f"tp={tp}: exit() took {exit_s:.2f} s")
-        torch.save(dict(outs=outs, logits=steps, stats=stats, exit_s=exit_s), out_file)
+        all_reduce = llm.runtime.tensor_parallel_all_reduce
+        torch.save(
+            dict(outs=outs, logits=steps, stats=stats, exit_s=exit_s, all_reduce=all_reduce),
+            out_file,
+        )
     """
 )
 
 
 def run_recording_logits(tmp_path, path: str, tp: int, prompts, **kw):
-    """Greedy outputs, and the logits rank 0 sampled from at each step ([rows, vocab], float)."""
+    """Greedy outputs, the logits rank 0 sampled from at each step ([rows, vocab], float), the
+    pipeline statistics and the all-reduce the engine resolved."""
     spec_file, out_file = tmp_path / f"spec-tp{tp}.json", tmp_path / f"out-tp{tp}.pt"
     spec_file.write_text(json.dumps(dict(engine={**ENGINE, **kw}, prompts=prompts, steps=STEPS)))
     out, err = run_script(
@@ -133,16 +138,17 @@ def run_recording_logits(tmp_path, path: str, tp: int, prompts, **kw):
     # Every rank drops its graphs before NCCL's finalize and leaves within the deadlines.
     assert FORCED not in err, err[-8000:]
     assert result["exit_s"] < EXIT_BOUND_S, f"exit() took {result['exit_s']:.1f} s"
-    return result["outs"], result["logits"], result["stats"]
+    return result["outs"], result["logits"], result["stats"], result["all_reduce"]
 
 
 def test_tp2_equals_tp1_on_8b_shape(model_8b, tmp_path):
     prompts = mixed_prompts(8, seed=3, vocab=10000, lo=20, hi=200)
-    one, logits_1, _ = run_recording_logits(tmp_path, model_8b, 1, prompts)
-    two, logits_2, stats = run_recording_logits(
+    one, logits_1, _, _ = run_recording_logits(tmp_path, model_8b, 1, prompts)
+    two, logits_2, stats, all_reduce = run_recording_logits(
         tmp_path, model_8b, 2, prompts, enable_pipeline=True
     )
     assert stats["mode"] == "sequential" and "tensor_parallel_size=2" in stats["reason"]
+    assert all_reduce == "symm_mem"  # the default ("auto") on GPUs with peer access
     assert_same_greedy_run(prompts, one, logits_1, two, logits_2)
 
 
@@ -152,10 +158,14 @@ def test_tp2_symm_mem_all_reduce_equals_nccl(model_8b, tmp_path):
     prompts = mixed_prompts(8, seed=4, vocab=10000, lo=20, hi=200)
     for name in ("nccl", "symm"):
         (tmp_path / name).mkdir()
-    nccl, logits_n, _ = run_recording_logits(tmp_path / "nccl", model_8b, 2, prompts)
-    symm, logits_s, _ = run_recording_logits(
+    nccl, logits_n, _, used = run_recording_logits(
+        tmp_path / "nccl", model_8b, 2, prompts, tensor_parallel_all_reduce="nccl"
+    )
+    assert used == "nccl"
+    symm, logits_s, _, used = run_recording_logits(
         tmp_path / "symm", model_8b, 2, prompts, tensor_parallel_all_reduce="symm_mem"
     )
+    assert used == "symm_mem"
     worst = max((a - b).abs().max().item() for a, b in zip(logits_n[1:], logits_s[1:]))
     print(f"largest |logit difference| over the decode steps: {worst:.5f}")
     assert_same_greedy_run(prompts, nccl, logits_n, symm, logits_s)

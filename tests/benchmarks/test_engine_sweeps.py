@@ -70,6 +70,22 @@ def test_tensor_parallel_sizes_over_several_request_counts():
         option_sweep.parse_args(["--num-seqs", "0"])
 
 
+def test_sweeps_count_the_engines_that_would_use_symmetric_memory():
+    """On GPUs a sweep building more than one is refused: a process serves one."""
+
+    def count(argv, option, values, repeats=1):
+        args, *_ = option_sweep.parse_args(["--quick", "--device", "cpu", *argv])
+        return option_sweep.symmetric_memory_engines(args, option, values, repeats)
+
+    # TP 1 and 2 at two request counts: the second TP=2 engine would fall back to NCCL.
+    assert count([], "tensor_parallel_size", [1, 2], repeats=2) == 2
+    assert count([], "tensor_parallel_size", [1, 2]) == 1
+    tp2 = ["--tensor-parallel-size", "2"]
+    assert count([*tp2, "--tensor-parallel-all-reduce", "nccl"], "max_num_seqs", [4, 8]) == 0
+    assert count(tp2, "tensor_parallel_all_reduce", ["nccl", "symm_mem"]) == 1
+    assert count(tp2, "tensor_parallel_all_reduce", ["symm_mem", "auto"]) == 2
+
+
 def test_profile_prefill_points_and_host_phases():
     payload = profile_prefill.main(["--quick", "--device", "cpu"])
     (row,) = payload["results"]

@@ -14,6 +14,7 @@ def test_quick_run_times_every_variant_and_reports_their_ratios(tmp_path):
     assert row["speedup"] == pytest.approx(row["seq_ms"] / row["overlap_ms"])
     assert row["ceiling"] == pytest.approx(row["seq_ms"] / row["seq_nocomm_ms"])
     assert row["split_cost"] == pytest.approx(row["overlap_nocomm_ms"] / row["seq_nocomm_ms"])
+    assert row["bound"] == pytest.approx(row["seq_ms"] / row["overlap_nocomm_ms"])
     assert payload["args"]["all_reduce"] == "nccl" and payload["attention_backend"] == "torch"
     # The halves, each with its own process group, give the whole batch's hidden states.
     assert row["overlap_max_diff"] < 1e-4

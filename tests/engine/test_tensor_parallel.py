@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from conftest import hf_greedy, mixed_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import Config
 from nanovllm.engine import tp_workers
 from nanovllm.engine.tp_workers import WorkerError
 from nanovllm.utils import distributed
@@ -220,8 +221,10 @@ def test_symm_mem_all_reduce_without_gpus_is_a_value_error_and_the_next_engine_s
     assert not multiprocessing.active_children() and not dist.is_initialized()
     assert distributed._symmetric is None
     prompts, expected = reference
-    # "auto": NCCL (here gloo) where symmetric memory is unavailable, the ranks agreeing.
-    llm = llm_of(tiny_model, tensor_parallel_all_reduce="auto")
+    # The default, "auto": NCCL (here gloo) where symmetric memory is unavailable, the ranks
+    # agreeing.
+    assert Config.__dataclass_fields__["tensor_parallel_all_reduce"].default == "auto"
+    llm = llm_of(tiny_model)
     assert llm.runtime.tensor_parallel_all_reduce == "nccl"
     assert tokens(llm, prompts[:2]) == expected[:2]
     llm.exit()
