@@ -26,8 +26,10 @@ def unavailable_reason(config, device: torch.device) -> str:
     if config.tensor_parallel_size > 1:
         return (
             f"tensor_parallel_size={config.tensor_parallel_size}: the pipeline runs on "
-            "single-GPU engines only (its stages would have to own the all-reduces); every "
-            "rank decodes sequentially"
+            "single-GPU engines only (split into micro-batches, a tensor-parallel step reads "
+            "its weight shards once per micro-batch, which costs more than overlapping one "
+            "micro-batch's all-reduces with the other's compute hides: "
+            "benchmarks/tp_overlap.py); every rank decodes sequentially"
         )
     if device.type != "cuda":
         return f"Green Contexts need a CUDA GPU; running on {device.type}"
