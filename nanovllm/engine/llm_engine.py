@@ -16,6 +16,7 @@ from nanovllm.config import Config, RuntimeInfo, check_tensor_parallel, log_auto
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.mixed_scheduler import MixedScheduler
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.progress import StepRates
 from nanovllm.engine.requests import (
     Limits,
     Prompt,
@@ -249,7 +250,7 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
+        rates = StepRates()
         try:
             while not self.is_finished():
                 t = time.perf_counter()
@@ -262,12 +263,8 @@ class LLMEngine:
                         "the scheduler made no progress with requests still queued: please "
                         "report this with your LLM options"
                     )
-                dt = max(time.perf_counter() - t, 1e-9)
-                if n > 0:
-                    prefill_tps = n / dt
-                elif n < 0:
-                    decode_tps = -n / dt
-                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
+                rates.add(n, time.perf_counter() - t)
+                bar.set_postfix(rates.postfix())
                 bar.update(len(finished))
         except BaseException:
             self._abort()
