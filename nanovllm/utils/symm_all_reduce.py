@@ -1,6 +1,6 @@
 """All-reduce over NVLink through PyTorch's symmetric memory, for the small messages of decode
-steps (``Config.tensor_parallel_all_reduce``: "symm_mem", or "auto" where the GPUs allow it;
-NCCL stays the default until the paths below have run on GPUs in every configuration).
+steps (``Config.tensor_parallel_all_reduce``: "symm_mem", or "auto", the default, where the
+GPUs allow it).
 
 A decode step makes two all-reduces per layer of ``[num_tokens, hidden_size]``, a few MB each.
 NCCL's ring pays a fixed cost per call that dominates messages that small. With symmetric
