@@ -380,13 +380,14 @@ def time_fns(
 
 
 def graph_replay_ms(
-    fn: Callable[[], object], device: torch.device, reps: int, trials: int
+    fn: Callable[[], object], device: torch.device, reps: int, trials: int, capture: bool = True
 ) -> float:
     """Median over ``trials`` of milliseconds per run of ``fn``, captured once as a CUDA graph
-    after an eager warm-up on a side stream (eager on CPU), ``reps`` runs a trial after one
-    untimed trial. Every rank of a process group calls it together: a barrier starts each trial,
-    so ranks whose graphs hold collectives replay side by side."""
-    if device.type == "cuda":
+    after an eager warm-up on a side stream (eager on CPU, or with ``capture=False``: as the
+    engine runs prefill), ``reps`` runs a trial after one untimed trial. Every rank of a process
+    group calls it together: a barrier starts each trial, so ranks whose graphs hold collectives
+    replay side by side."""
+    if device.type == "cuda" and capture:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

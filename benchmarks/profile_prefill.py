@@ -117,15 +117,15 @@ def print_row(row: dict, card: dict) -> None:
         )
 
 
-def parse_points(p, specs: list[str]) -> list[tuple[int, int]]:
+def parse_points(p, specs: list[str], option: str = "--points") -> list[tuple[int, int]]:
     points = []
     for s in specs:
         try:
             n, length = (int(x) for x in s.lower().split("x"))
         except ValueError:
-            p.error(f"--points {s!r}: write NSEQxLEN, e.g. 3x512")
+            p.error(f"{option} {s!r}: write NSEQxLEN, e.g. 3x512")
         if n < 1 or length < 1:
-            p.error(f"--points {s!r}: both numbers must be >= 1")
+            p.error(f"{option} {s!r}: both numbers must be >= 1")
         points.append((n, length))
     return points
 

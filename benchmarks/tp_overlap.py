@@ -20,7 +20,13 @@ are fused as in the engine (``enable_fusion``). The LM head and its all-gather a
 ``--all-reduce symm_mem`` gives each half a symmetric-memory buffer of its own, ``nccl`` a
 process group of its own.
 
+``--prefill NSEQxLEN ...`` measures prefill steps instead: NSEQ fresh prompts of LEN tokens,
+split into two halves of NSEQ/2 prompts, run eagerly as the engine runs prefill, their
+all-reduces over NCCL (larger than the engine's symmetric buffer). Prefill is bound by FLOPs,
+not by reading the weights, so a split should cost little there.
+
     python benchmarks/tp_overlap.py --shape 8b --all-reduce symm_mem --json OUT.json
+    python benchmarks/tp_overlap.py --shape 8b --prefill 16x1024 32x512 --json OUT.json
     python benchmarks/tp_overlap.py --quick --device cpu     # control flow, over gloo, eager
 """
 
@@ -48,11 +54,13 @@ from benchmarks.common import (  # noqa: E402
     synthetic_decode_inputs,
     write_json,
 )
+from benchmarks.profile_prefill import parse_points  # noqa: E402
 from nanovllm.config import TP_ALL_REDUCES  # noqa: E402
 from nanovllm.utils.distributed import all_reduce_through  # noqa: E402
 
 VARIANTS = ("seq", "overlap", "seq_nocomm", "overlap_nocomm")
 COLUMNS = [
+    ("kind", "step", ""),
     ("batch", "batch", "d"),
     ("ctx", "ctx", "d"),
     ("seq_ms", "seq ms", ".3f"),
@@ -73,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", choices=("tiny", "0.6b", "8b"), help="default: 8b (quick: tiny)")
     p.add_argument("--batches", type=int, nargs="+", help="default: 128 256 512")
     p.add_argument("--ctxs", type=int, nargs="+", help="tokens per sequence; default: 512 1024")
+    p.add_argument(
+        "--prefill",
+        nargs="+",
+        metavar="NSEQxLEN",
+        help="prefill steps instead of decode, e.g. 16x1024 (NSEQ even)",
+    )
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument(
         "--all-reduce",
@@ -87,6 +101,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.shape = args.shape or ("tiny" if q else "8b")
+    device = resolve_device(args.device)
+    if args.prefill:
+        if args.batches or args.ctxs:
+            p.error("--prefill: --batches and --ctxs are decode's; give NSEQxLEN points only")
+        if args.all_reduce == "symm_mem":
+            p.error(
+                "--prefill with --all-reduce symm_mem: prefill's messages exceed the engine's "
+                "symmetric buffer, so the engine sums them over NCCL: use --all-reduce nccl"
+            )
+        args.prefill = parse_points(p, args.prefill, "--prefill")
+        if any(n < 2 or n % 2 for n, _ in args.prefill):
+            p.error(f"--prefill {args.prefill}: an even NSEQ of 2 or more (the prompts split)")
+        args.all_reduce = "nccl"
+        args.reps = args.reps or (2 if q else 5)
+        if args.world_size < 2 or args.reps < 1 or args.trials < 1:
+            p.error("--world-size must be >= 2, --reps and --trials >= 1")
+        return args
     args.batches = args.batches or ([4] if q else [128, 256, 512])
     args.ctxs = args.ctxs or ([40] if q else [512, 1024])
     args.reps = args.reps or (2 if q else 20)
@@ -97,7 +128,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batches {args.batches}: even sizes of 2 or more (the batch splits in two)")
     if args.world_size < 2 or args.reps < 1 or args.trials < 1:
         p.error("--world-size must be >= 2, --reps and --trials >= 1")
-    device = resolve_device(args.device)
     args.all_reduce = args.all_reduce or ("symm_mem" if device.type == "cuda" else "nccl")
     if args.all_reduce == "symm_mem" and device.type != "cuda":
         p.error("--all-reduce symm_mem: symmetric memory needs CUDA GPUs")
@@ -154,33 +184,64 @@ def _build(args, rank: int, device, dtype, path: str):
     return model.eval(), hf, backend
 
 
-def _step_fn(model, ids, positions, meta, variant: str, comms, device, out: list):
-    """One decode step of ``variant``, issued on the current stream (halves forked off it);
-    its final hidden states go to ``out`` (one tensor per half)."""
-    half = ids.shape[0] // 2
+def _decode_parts(batch: int, ctx: int, vocab: int, device) -> tuple:
+    """A decode step of ``batch`` sequences at context ``ctx`` (the engine's inputs), its two
+    halves (views of it), and the KV blocks it needs."""
+    blocks = batch * math.ceil(ctx / BLOCK_SIZE)
+    inputs = synthetic_decode_inputs(batch, ctx, blocks, vocab, device)
+    ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
+    h = batch // 2
+    halves = [
+        (ids[lo:hi], positions[lo:hi], meta.decode_slice(lo, hi)) for lo, hi in ((0, h), (h, batch))
+    ]
+    return (ids, positions, meta), halves, blocks
+
+
+def _prefill_parts(num_seqs: int, length: int, vocab: int, device, backend) -> tuple:
+    """A prefill step of ``num_seqs`` fresh prompts of ``length`` tokens, its two halves (the
+    first and last ``num_seqs / 2`` prompts, planned as steps of their own on the same blocks),
+    and the KV blocks it needs."""
+    from benchmarks.profile_prefill import prefill_batch
+    from nanovllm.engine.model_inputs import plan_step, to_model_inputs
+    from nanovllm.engine.scheduler import ScheduledBatch
+
+    seqs = prefill_batch(num_seqs, length, vocab, BLOCK_SIZE).seqs
+
+    def step(part: list) -> tuple:
+        batch = ScheduledBatch(is_prefill=True, seqs=part, num_new_tokens=[length] * len(part))
+        inputs = to_model_inputs(plan_step(batch, BLOCK_SIZE), device, backend)
+        return inputs.input_ids, inputs.positions, inputs.meta
+
+    h = num_seqs // 2
+    return step(seqs), [step(seqs[:h]), step(seqs[h:])], num_seqs * math.ceil(length / BLOCK_SIZE)
+
+
+def _step_fn(model, whole: tuple, halves: list, variant: str, comms, device, out: list):
+    """One step of ``variant`` (inputs: ``whole`` or its two ``halves``, each (input_ids,
+    positions, metadata)), issued on the current stream (halves forked off it); its final
+    hidden states go to ``out`` (one tensor per half)."""
     nocomm = variant.endswith("nocomm")
     if variant.startswith("seq"):
         reduce = _identity if nocomm else comms[0]
 
         def fn():
             with all_reduce_through(reduce):
-                out[:] = [model(ids, positions, meta)]
+                out[:] = [model(*whole)]
 
         return fn
-    parts = [(0, half), (half, ids.shape[0])]
     on_gpu = device.type == "cuda"
-    streams = [torch.cuda.Stream(device) for _ in parts] if on_gpu else [None, None]
+    streams = [torch.cuda.Stream(device) for _ in halves] if on_gpu else [None] * len(halves)
 
     def fn():
         main = torch.cuda.current_stream(device) if on_gpu else None
         out.clear()
-        for (lo, hi), stream, comm in zip(parts, streams, comms):
+        for part, stream, comm in zip(halves, streams, comms):
             reduce = _identity if nocomm else comm
             ctx = torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext()
             if on_gpu:
                 stream.wait_stream(main)  # fork: the step's inputs are ready on main
             with ctx, all_reduce_through(reduce):
-                out.append(model(ids[lo:hi], positions[lo:hi], meta.decode_slice(lo, hi)))
+                out.append(model(*part))
         if on_gpu:
             for stream in streams:
                 main.wait_stream(stream)  # join: the step ends when both halves do
@@ -194,36 +255,42 @@ def _rank_main(rank: int, device: torch.device, args: argparse.Namespace, path: 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, hf, backend = _build(args, rank, device, dtype, path)
     comms = _communicators(args, device, dtype, hf.hidden_size)
+    prefill = bool(args.prefill)
+    if prefill:
+        points = args.prefill
+    else:
+        points = [(batch, ctx) for ctx in args.ctxs for batch in args.batches]
     rows = []
-    for ctx in args.ctxs:
-        for batch in args.batches:
-            blocks = batch * math.ceil(ctx / BLOCK_SIZE)
-            inputs = synthetic_decode_inputs(batch, ctx, blocks, hf.vocab_size, device)
-            ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
-            cache = allocate_kv_cache(model, blocks, BLOCK_SIZE, dtype, device)
-            cache.normal_(0, 1)
-            row = dict(batch=batch, ctx=ctx)
-            with torch.inference_mode():
-                # The halves, each with its own communicator, compute what the whole does.
-                results = {}
-                for variant in ("seq", "overlap"):
-                    results[variant] = []
-                    _step_fn(
-                        model, ids, positions, meta, variant, comms, device, results[variant]
-                    )()
-                whole, halves = results["seq"][0], torch.cat(results["overlap"])
-                row["overlap_max_diff"] = (whole.float() - halves.float()).abs().max().item()
-                for variant in VARIANTS:
-                    fn = _step_fn(model, ids, positions, meta, variant, comms, device, [])
-                    row[f"{variant}_ms"] = graph_replay_ms(fn, device, args.reps, args.trials)
-            row["speedup"] = row["seq_ms"] / row["overlap_ms"]
-            row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
-            row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
-            row["bound"] = row["seq_ms"] / row["overlap_nocomm_ms"]
-            if rank == 0:
-                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-            rows.append(row)
-            del cache
+    for batch, ctx in points:
+        if prefill:
+            whole, halves, blocks = _prefill_parts(batch, ctx, hf.vocab_size, device, backend)
+        else:
+            whole, halves, blocks = _decode_parts(batch, ctx, hf.vocab_size, device)
+        cache = allocate_kv_cache(model, blocks, BLOCK_SIZE, dtype, device)
+        cache.normal_(0, 1)
+        row = dict(kind="prefill" if prefill else "decode", batch=batch, ctx=ctx)
+        with torch.inference_mode():
+            # The halves, each with its own communicator, compute what the whole does.
+            results = {}
+            for variant in ("seq", "overlap"):
+                results[variant] = []
+                _step_fn(model, whole, halves, variant, comms, device, results[variant])()
+            one, two = results["seq"][0], torch.cat(results["overlap"])
+            row["overlap_max_diff"] = (one.float() - two.float()).abs().max().item()
+            for variant in VARIANTS:
+                fn = _step_fn(model, whole, halves, variant, comms, device, [])
+                # Prefill runs eagerly in the engine, decode from CUDA graphs.
+                row[f"{variant}_ms"] = graph_replay_ms(
+                    fn, device, args.reps, args.trials, capture=not prefill
+                )
+        row["speedup"] = row["seq_ms"] / row["overlap_ms"]
+        row["ceiling"] = row["seq_ms"] / row["seq_nocomm_ms"]
+        row["split_cost"] = row["overlap_nocomm_ms"] / row["seq_nocomm_ms"]
+        row["bound"] = row["seq_ms"] / row["overlap_nocomm_ms"]
+        if rank == 0:
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        rows.append(row)
+        del cache
     return rows, backend.name
 
 

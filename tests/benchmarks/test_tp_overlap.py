@@ -20,9 +20,23 @@ def test_quick_run_times_every_variant_and_reports_their_ratios(tmp_path):
     assert row["overlap_max_diff"] < 1e-4
 
 
+def test_prefill_halves_are_prompts_planned_as_steps_of_their_own(tmp_path):
+    payload = tp_overlap.main(["--quick", "--device", "cpu", "--prefill", "4x24"])
+    (row,) = payload["rows"]
+    assert (row["kind"], row["batch"], row["ctx"]) == ("prefill", 4, 24)
+    assert all(row[f"{v}_ms"] > 0 for v in tp_overlap.VARIANTS)
+    assert payload["args"]["all_reduce"] == "nccl" and payload["args"]["reps"] == 2
+    # Two prompts each, on their own process groups: the four prompts' hidden states.
+    assert row["overlap_max_diff"] < 1e-4
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--prefill", "3x64"],  # odd: no two halves
+        ["--prefill", "4x64", "--batches", "8"],  # decode's sizes do not apply
+        ["--prefill", "4x64", "--all-reduce", "symm_mem"],  # the engine's prefill uses NCCL
+        ["--prefill", "4by64"],
         ["--batches", "3"],  # odd: no two halves
         ["--all-reduce", "symm_mem"],  # needs GPUs
         ["--world-size", "1"],
