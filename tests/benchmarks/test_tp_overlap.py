@@ -20,7 +20,7 @@ def test_quick_run_times_every_variant_and_reports_their_ratios(tmp_path):
     assert row["overlap_max_diff"] < 1e-4
 
 
-def test_prefill_halves_are_prompts_planned_as_steps_of_their_own(tmp_path):
+def test_prefill_halves_are_prompts_planned_as_steps_of_their_own():
     payload = tp_overlap.main(["--quick", "--device", "cpu", "--prefill", "4x24"])
     (row,) = payload["rows"]
     assert (row["kind"], row["batch"], row["ctx"]) == ("prefill", 4, 24)
