@@ -22,10 +22,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    environment,
     format_table,
     graph_replay_ms,
-    resolve_device,
+    ranks_environment,
     run_ranks,
     write_json,
 )
@@ -117,10 +116,7 @@ def _rank_main(rank: int, device: torch.device, args: argparse.Namespace) -> tup
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and torch.cuda.device_count() < args.world_size:
-        sys.exit(f"--world-size {args.world_size}: only {torch.cuda.device_count()} GPU(s) visible")
-    env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
+    env = ranks_environment(args.device, args.world_size)
     print(f"card: {env['card']} x {args.world_size}")
     rows, why = run_ranks(_rank_main, args.world_size, args.device, args)
     if why:

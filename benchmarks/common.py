@@ -438,6 +438,17 @@ def _rank_entry(
         queue.put(result)
 
 
+def ranks_environment(device_name: str, world_size: int) -> dict:
+    """``environment`` of the device rank 0 runs on; exits when fewer than ``world_size`` GPUs
+    are visible for ``run_ranks``."""
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if torch.cuda.device_count() < world_size:
+            sys.exit(f"--world-size {world_size}: only {torch.cuda.device_count()} GPU(s) visible")
+        device = torch.device("cuda", 0)
+    return environment(device)
+
+
 def run_ranks(target: Callable, world_size: int, device_name: str, *args) -> object:
     """Run ``target(rank, device, *args)`` (a module-level function: spawn pickles it by name)
     on ``world_size`` spawned ranks of one process group; returns rank 0's result."""

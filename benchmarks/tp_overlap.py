@@ -45,10 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     BLOCK_SIZE,
-    environment,
     format_table,
     graph_replay_ms,
     model_path,
+    ranks_environment,
     resolve_device,
     run_ranks,
     synthetic_decode_inputs,
@@ -101,23 +101,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     args.shape = args.shape or ("tiny" if q else "8b")
-    device = resolve_device(args.device)
     if args.prefill:
-        if args.batches or args.ctxs:
-            p.error("--prefill: --batches and --ctxs are decode's; give NSEQxLEN points only")
-        if args.all_reduce == "symm_mem":
-            p.error(
-                "--prefill with --all-reduce symm_mem: prefill's messages exceed the engine's "
-                "symmetric buffer, so the engine sums them over NCCL: use --all-reduce nccl"
-            )
-        args.prefill = parse_points(p, args.prefill, "--prefill")
-        if any(n < 2 or n % 2 for n, _ in args.prefill):
-            p.error(f"--prefill {args.prefill}: an even NSEQ of 2 or more (the prompts split)")
-        args.all_reduce = "nccl"
-        args.reps = args.reps or (2 if q else 5)
-        if args.world_size < 2 or args.reps < 1 or args.trials < 1:
-            p.error("--world-size must be >= 2, --reps and --trials >= 1")
-        return args
+        _check_prefill_args(p, args)
+    else:
+        _check_decode_args(p, args)
+    if args.world_size < 2 or args.reps < 1 or args.trials < 1:
+        p.error("--world-size must be >= 2, --reps and --trials >= 1")
+    return args
+
+
+def _check_prefill_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batches or args.ctxs:
+        p.error("--prefill: --batches and --ctxs are decode's; give NSEQxLEN points only")
+    if args.all_reduce == "symm_mem":
+        p.error(
+            "--prefill with --all-reduce symm_mem: prefill's messages exceed the engine's "
+            "symmetric buffer, so the engine sums them over NCCL: use --all-reduce nccl"
+        )
+    args.prefill = parse_points(p, args.prefill, "--prefill")
+    if any(n < 2 or n % 2 for n, _ in args.prefill):
+        p.error(f"--prefill {args.prefill}: an even NSEQ of 2 or more (the prompts split)")
+    args.all_reduce = "nccl"
+    args.reps = args.reps or (2 if args.quick else 5)
+
+
+def _check_decode_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    q = args.quick
     args.batches = args.batches or ([4] if q else [128, 256, 512])
     args.ctxs = args.ctxs or ([40] if q else [512, 1024])
     args.reps = args.reps or (2 if q else 20)
@@ -126,12 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} {getattr(args, name)}: each value must be >= 1")
     if any(b < 2 or b % 2 for b in args.batches):
         p.error(f"--batches {args.batches}: even sizes of 2 or more (the batch splits in two)")
-    if args.world_size < 2 or args.reps < 1 or args.trials < 1:
-        p.error("--world-size must be >= 2, --reps and --trials >= 1")
-    args.all_reduce = args.all_reduce or ("symm_mem" if device.type == "cuda" else "nccl")
-    if args.all_reduce == "symm_mem" and device.type != "cuda":
+    on_gpu = resolve_device(args.device).type == "cuda"
+    args.all_reduce = args.all_reduce or ("symm_mem" if on_gpu else "nccl")
+    if args.all_reduce == "symm_mem" and not on_gpu:
         p.error("--all-reduce symm_mem: symmetric memory needs CUDA GPUs")
-    return args
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -296,10 +303,7 @@ def _rank_main(rank: int, device: torch.device, args: argparse.Namespace, path: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and torch.cuda.device_count() < args.world_size:
-        sys.exit(f"--world-size {args.world_size}: only {torch.cuda.device_count()} GPU(s) visible")
-    env = environment(torch.device("cuda", 0) if device.type == "cuda" else device)
+    env = ranks_environment(args.device, args.world_size)
     print(f"card: {env['card']} x {args.world_size}; all-reduce: {args.all_reduce}")
     path = model_path(args.shape)
     print(format_table([], COLUMNS))
